@@ -30,3 +30,7 @@ class InfotextError(EmakiError):
 
 class InterruptedError_(EmakiError):
     """Generation was interrupted by the caller (raised from a progress callback)."""
+
+
+class ModelSaveError(EmakiError):
+    """A model could not be written (destination exists, folder missing, unsupported dtype)."""

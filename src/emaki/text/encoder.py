@@ -1,0 +1,71 @@
+"""Text encoding: prompt text -> CLIP hidden states, in 75-token chunks, with clip skip.
+
+Prompts of any length are split into chunks of 75 tokens; each chunk is wrapped as
+``[BOS] tokens [EOS] [PAD]...`` to 77 tokens, encoded independently, and the encoder states are
+concatenated along the sequence axis (NovelAI's and A1111's "infinite prompt length"; 120 tokens
+give a [1, 154, D] tensor). A prompt of at most 75 tokens gives exactly what diffusers'
+``StableDiffusionPipeline`` gives. Clip skip N takes the hidden states N layers before the last
+and applies the final layer norm, as A1111 does.
+
+The A1111 prompt grammar (emphasis, editing, BREAK, comma backtracking) belongs to
+:mod:`emaki.prompts`; this module encodes plain text.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+from transformers import CLIPTextModel, CLIPTokenizer
+
+from emaki.conditioning import Conditioning
+from emaki.errors import InvalidRequestError
+
+CHUNK_TOKENS = 75
+
+
+class TextEncoder:
+    """Tokenizer + CLIP text model, encoding one prompt at a time (results are cacheable)."""
+
+    def __init__(self, tokenizer: CLIPTokenizer, model: CLIPTextModel) -> None:
+        self.tokenizer = tokenizer
+        self.model = model
+        self.bos = tokenizer.bos_token_id
+        self.eos = tokenizer.eos_token_id
+        self.pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.eos
+
+    def tokenize(self, text: str) -> list[int]:
+        """BPE token ids of the text, without start/end tokens."""
+        return list(self.tokenizer(text, add_special_tokens=False, truncation=False).input_ids)
+
+    def chunks(self, text: str) -> list[list[int]]:
+        """The 77-token id sequences for the text (at least one, even for an empty prompt)."""
+        ids = self.tokenize(text)
+        parts = [ids[i : i + CHUNK_TOKENS] for i in range(0, len(ids), CHUNK_TOKENS)] or [[]]
+        return [[self.bos, *p, self.eos] + [self.pad] * (CHUNK_TOKENS - len(p)) for p in parts]
+
+    @torch.inference_mode()
+    def encode(self, text: str, clip_skip: int = 1) -> Conditioning:
+        """Encode one prompt to a batch-1 :class:`Conditioning` of shape [1, 77 * chunks, D]."""
+        return self.encode_chunks(self.chunks(text), clip_skip)
+
+    @torch.inference_mode()
+    def encode_chunks(self, chunks: Sequence[Sequence[int]], clip_skip: int = 1) -> Conditioning:
+        device = next(self.model.parameters()).device
+        ids = torch.tensor(chunks, dtype=torch.long, device=device)  # [chunks, 77]
+        states = self._hidden_states(ids, clip_skip)  # [chunks, 77, D]
+        return Conditioning(states.reshape(1, -1, states.shape[-1]).float())
+
+    def _hidden_states(self, ids: Tensor, clip_skip: int) -> Tensor:
+        if clip_skip <= 1:
+            return self.model(ids).last_hidden_state
+        out = self.model(ids, output_hidden_states=True)
+        layers = len(out.hidden_states) - 1
+        if clip_skip > layers:
+            raise InvalidRequestError(
+                f"clip skip {clip_skip} exceeds the text encoder's {layers} layers"
+            )
+        # transformers 5 flattened CLIPTextModel (no .text_model); older versions nest it.
+        final_norm = getattr(self.model, "text_model", self.model).final_layer_norm
+        return final_norm(out.hidden_states[-clip_skip])
