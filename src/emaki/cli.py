@@ -74,6 +74,15 @@ def build_parser() -> argparse.ArgumentParser:
     conv.add_argument("--prediction-type", choices=["epsilon", "v_prediction", "sample"])
 
     sub.add_parser("samplers", help="list samplers and schedules")
+
+    tiny = sub.add_parser(
+        "make-tiny-model",
+        help="write a tiny model with RANDOM weights (its images are noise), to try the machinery",
+    )
+    tiny.add_argument("dst", type=Path)
+    tiny.add_argument("--family", choices=["sd1", "sd2"], default="sd1")
+    tiny.add_argument("--format", choices=["diffusers", "single-file"], default="diffusers")
+    tiny.add_argument("--seed", type=int, default=0)
     return parser
 
 
@@ -145,14 +154,20 @@ def cmd_info(args: argparse.Namespace) -> int:
     info = read_infotext(args.image)
     if info is None:
         raise EmakiError(f"{args.image} carries no generation parameters")
+    # The parser adds "Size-1"/"Size-2" beside "Size" for WxH values; show only what was stored.
+    params = {
+        k: v
+        for k, v in info.params.items()
+        if not (k[-2:] in ("-1", "-2") and k[:-2] in info.params)
+    }
     if args.json:
-        data = {"prompt": info.prompt, "negative_prompt": info.negative_prompt, **info.params}
+        data = {"prompt": info.prompt, "negative_prompt": info.negative_prompt, **params}
         print(json.dumps(data, indent=2, ensure_ascii=False))
     else:
         print(f"Prompt: {info.prompt}")
         if info.negative_prompt:
             print(f"Negative prompt: {info.negative_prompt}")
-        for key, value in info.params.items():
+        for key, value in params.items():
             print(f"{key}: {value}")
     return 0
 
@@ -188,11 +203,22 @@ def cmd_samplers(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_make_tiny_model(args: argparse.Namespace) -> int:
+    from emaki.models.saving import save_diffusers, save_single_file
+    from emaki.models.tiny import make_tiny_bundle
+
+    bundle = make_tiny_bundle(args.family, seed=args.seed)
+    save = save_diffusers if args.format == "diffusers" else save_single_file
+    print(save(bundle, args.dst))
+    return 0
+
+
 COMMANDS = {
     "generate": cmd_generate,
     "info": cmd_info,
     "convert": cmd_convert,
     "samplers": cmd_samplers,
+    "make-tiny-model": cmd_make_tiny_model,
 }
 
 
