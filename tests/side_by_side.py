@@ -11,6 +11,7 @@ its DDIM/PNDM/DDPM/DPM-Solver/UniPC/LCM schedulers keep it in variance-preservin
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable
 from typing import Any
 
@@ -96,10 +97,16 @@ def run_diffusers(
     ve = type(scheduler).__name__ in VE_SCHEDULERS
     x = noise * sigma0 if ve else noise * sigma0 / (1 + sigma0**2) ** 0.5
     g = torch.Generator().manual_seed(seed)
+    # UniPCMultistep's and DPMSolverSDE's step() take no generator.
+    takes_generator = "generator" in inspect.signature(scheduler.step).parameters
+    extra = {"generator": g} if takes_generator else {}
     for t in scheduler.timesteps:
         inp = scheduler.scale_model_input(x, t)
         out = unet(inp, t, encoder_hidden_states=ctx).sample
-        x = scheduler.step(out, t, x, generator=g).prev_sample
+        x = scheduler.step(out, t, x, **extra).prev_sample
+    sigmas = getattr(scheduler, "sigmas", None)
+    if not ve and sigmas is not None:  # VP -> VE; a no-op when the schedule ends at sigma = 0
+        x = x * (1 + float(sigmas[-1]) ** 2) ** 0.5
     return x, torch.tensor(sigma0)
 
 

@@ -9,7 +9,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from emaki.sampling.registry import SAMPLERS, SamplerSpec
+from emaki.sampling.brownian import BrownianNoise
+from emaki.sampling.registry import SAMPLERS, SamplerSpec, get_sampler
 
 from analytic import (
     GaussianMixture,
@@ -23,7 +24,7 @@ DETERMINISTIC = [s for s in SAMPLERS if s.order is not None]
 STEPS = [16, 32, 64, 128]
 
 
-def _ode_errors(spec: SamplerSpec, gm: GaussianMixture) -> list[float]:
+def _ode_errors(spec: SamplerSpec, gm: GaussianMixture, **options) -> list[float]:
     g = torch.Generator().manual_seed(0)
     sigma_max = 20.0
     x_start = torch.randn(64, gm.dim, generator=g, dtype=torch.float64) * sigma_max
@@ -31,7 +32,7 @@ def _ode_errors(spec: SamplerSpec, gm: GaussianMixture) -> list[float]:
     errors = []
     for n in STEPS:
         sigmas = karras_sigmas(n, sigma_max=sigma_max)
-        out = spec(gm.denoiser, x_start.clone(), sigmas)
+        out = spec(gm.denoiser, x_start.clone(), sigmas, **options)
         errors.append(float((out - reference).pow(2).mean().sqrt()))  # RMS
     return errors
 
@@ -46,7 +47,41 @@ def test_deterministic_sampler_converges_at_its_order(spec: SamplerSpec, problem
     assert order > spec.order - 0.35, (order, errors)
 
 
+# Deterministic limits and non-default options of samplers, with their measured orders.
+DETERMINISTIC_OPTIONS = [
+    ("dpmpp_2m_sde", {"eta": 0.0}, 2),
+    ("dpmpp_2m_sde", {"eta": 0.0, "solver_type": "heun"}, 2),
+    ("dpmpp_3m_sde", {"eta": 0.0}, 3),
+    ("dpmpp_sde", {"eta": 0.0}, 2),
+    ("dpmpp_2s_ancestral", {"eta": 0.0}, 2),
+    ("uni_pc", {"variant": "bh1"}, 2),
+    ("uni_pc", {"order": 3}, 3),
+]
+
+
+@pytest.mark.parametrize(
+    ("name", "options", "order"), DETERMINISTIC_OPTIONS, ids=lambda v: str(v).replace(" ", "")
+)
+@pytest.mark.parametrize("problem", [single_gaussian, two_moons_mixture], ids=lambda f: f.__name__)
+def test_sampler_options_converge_at_their_order(name, options, order, problem) -> None:
+    errors = _ode_errors(get_sampler(name), problem(), **options)
+    assert errors[-1] < 2e-3, errors
+    assert convergence_order(errors, STEPS) > order - 0.35, errors
+
+
 STOCHASTIC = [s for s in SAMPLERS if s.stochastic]
+# Samplers whose stages draw noise over overlapping intervals need one Brownian path.
+BROWNIAN = {"dpmpp_sde"}
+
+
+class _PathNoise:
+    """One Brownian path for the whole [n, dim] sample (the analytic batch is one "image")."""
+
+    def __init__(self, shape: tuple[int, ...], seed: int, sigma_min: float, sigma_max: float):
+        self.path = BrownianNoise([seed], shape, sigma_min, sigma_max, dtype=torch.float64)
+
+    def __call__(self, sigma: torch.Tensor, sigma_next: torch.Tensor) -> torch.Tensor:
+        return self.path(sigma, sigma_next)[0]
 
 
 class _GeneratorNoise:
@@ -65,7 +100,11 @@ def _sample_distribution(spec: SamplerSpec, steps: int = 60, n: int = 20000, **o
     # Start from the exact noisy marginal at sigma_max (mixture convolved with N(0, sigma_max^2)).
     x = gm.sample(n, g) + torch.randn(n, gm.dim, generator=g, dtype=torch.float64) * sigma_max
     sigmas = karras_sigmas(steps, sigma_min=2e-3, sigma_max=sigma_max)
-    out = spec(gm.denoiser, x, sigmas, noise=_GeneratorNoise((n, gm.dim), seed=1), **options)
+    if spec.name in BROWNIAN:
+        noise = _PathNoise((n, gm.dim), 1, float(sigmas[-2]), sigma_max)
+    else:
+        noise = _GeneratorNoise((n, gm.dim), seed=1)
+    out = spec(gm.denoiser, x, sigmas, noise=noise, **options)
     return gm, out
 
 
