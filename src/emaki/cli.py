@@ -70,6 +70,7 @@ def build_parser() -> argparse.ArgumentParser:
     conv.add_argument("dst", type=Path)
     conv.add_argument("--to", required=True, choices=["diffusers", "single-file"])
     conv.add_argument("--half", action="store_true", help="store weights as fp16")
+    conv.add_argument("--overwrite", action="store_true", help="replace an existing destination")
     conv.add_argument("--allow-pickle", action="store_true", help="allow pickled checkpoints")
     conv.add_argument("--prediction-type", choices=["epsilon", "v_prediction", "sample"])
 
@@ -182,6 +183,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
         args.src,
         args.dst,
         to=args.to,
+        overwrite=args.overwrite,
         dtype=dtype,
         allow_pickle=args.allow_pickle,
         prediction_type=args.prediction_type,

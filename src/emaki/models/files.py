@@ -157,9 +157,16 @@ def tensors_hash(tensors: Mapping[str, torch.Tensor]) -> str:
 def check_destination(path: Path, overwrite: bool) -> None:
     """Refuse to write over an existing file or folder unless ``overwrite`` is set."""
     if path.exists() and not overwrite:
-        raise ModelSaveError(f"{path} already exists (pass overwrite=True to replace it)")
+        raise ModelSaveError(f"{path} already exists (choose another name, or pass --overwrite)")
     if not path.parent.is_dir():
         raise ModelSaveError(f"{path.parent}: no such folder")
+
+
+def _file_mode() -> int:
+    """The permissions a new file gets under the current umask (safetensors writes 0600)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return 0o666 & ~mask
 
 
 def _temp_sibling(path: Path) -> Path:
@@ -172,6 +179,7 @@ def atomic_write_file(path: Path, write: Callable[[Path], None], *, overwrite: b
     temp = _temp_sibling(path)
     try:
         write(temp)
+        os.chmod(temp, _file_mode())
         os.replace(temp, path)
     except BaseException:
         temp.unlink(missing_ok=True)
@@ -190,6 +198,10 @@ def atomic_write_folder(path: Path, write: Callable[[Path], None], *, overwrite:
     temp.mkdir()
     try:
         write(temp)
+        mode = _file_mode()
+        for file in temp.rglob("*"):
+            if file.is_file():
+                os.chmod(file, mode)
     except BaseException:
         shutil.rmtree(temp, ignore_errors=True)
         raise
