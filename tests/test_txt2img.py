@@ -69,8 +69,10 @@ def test_matches_diffusers_stable_diffusion_pipeline(bundle, pipe) -> None:
     assert diff.max() <= 1, f"max pixel diff {diff.max()}"
 
 
-def test_batch_size_does_not_change_images(pipe) -> None:
-    base = GenerationRequest(prompt="a cat", sampler="Euler a", steps=6, seed=77)
+@pytest.mark.parametrize("sampler", ["Euler a", "DPM++ 2M SDE"])
+def test_batch_size_does_not_change_images(pipe, sampler: str) -> None:
+    """Per-image noise (generators for ancestral steps, Brownian paths for SDE samplers)."""
+    base = GenerationRequest(prompt="a cat", sampler=sampler, steps=6, seed=77)
     batched = pipe.generate(GenerationRequest(**{**base.__dict__, "batch_size": 2}))
     single0 = pipe.generate(base)
     single1 = pipe.generate(GenerationRequest(**{**base.__dict__, "seed": 78}))

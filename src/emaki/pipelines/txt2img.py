@@ -23,12 +23,13 @@ from emaki.infotext import format_infotext
 from emaki.latents import LatentFormat, decode, to_pil
 from emaki.models.bundle import ModelBundle
 from emaki.request import GenerationRequest
+from emaki.sampling.brownian import BrownianNoise
 from emaki.sampling.denoisers import DiscreteDenoiser, DiscreteSchedule
 from emaki.sampling.guidance import CFGDenoiser, GuidedCond
 from emaki.sampling.noise import SeededNoise
 from emaki.sampling.registry import SamplerSpec, resolve_sampler
 from emaki.sampling.schedules import ScheduleSpec, get_schedule
-from emaki.sampling.types import StepCallback, StepInfo
+from emaki.sampling.types import NoiseSampler, StepCallback, StepInfo
 from emaki.text.encoder import TextEncoder
 
 
@@ -132,8 +133,9 @@ class Pipeline:
         for n in range(req.n_iter):
             # Step 5: per-image seeded noise on the CPU; image i of the job uses seed + i.
             batch_seeds = [req.seed + n * req.batch_size + i for i in range(req.batch_size)]
-            noise = SeededNoise(batch_seeds, shape, device=device)
-            x = noise.initial() * sigmas[0]
+            seeded = SeededNoise(batch_seeds, shape, device=device)
+            x = seeded.initial() * sigmas[0]
+            noise = _sampler_noise(r.sampler, seeded, batch_seeds, shape, sigmas, device)
             callback = _call_progress(progress, n, req.n_iter)
             with _precision(req.precision):
                 # Step 6: sample, then decode the latents.
@@ -168,6 +170,22 @@ class Pipeline:
             "Version": f"emaki {__version__}",
         }
         return format_infotext(req.prompt, req.negative_prompt, params)
+
+
+def _sampler_noise(
+    sampler: SamplerSpec,
+    seeded: SeededNoise,
+    seeds: list[int],
+    shape: tuple[int, ...],
+    sigmas: Tensor,
+    device: torch.device,
+) -> NoiseSampler:
+    """SDE samplers get one Brownian path per image; others continue the image's generator."""
+    positive = sigmas[sigmas > 0]
+    if not sampler.brownian or len(positive) < 2:
+        return seeded
+    lo, hi = float(positive.min()), float(positive.max())
+    return BrownianNoise(seeds, shape, lo, hi, device=device)
 
 
 def _call_progress(progress: ProgressCallback | None, n: int, total: int) -> StepCallback | None:

@@ -40,6 +40,9 @@ class SamplerSpec:
     order: int | None
     options: frozenset[str] = field(default_factory=frozenset)
     aliases: tuple[str, ...] = ()
+    #: Draws noise over overlapping intervals, so it needs one Brownian path per image
+    #: (:class:`~emaki.sampling.brownian.BrownianNoise`) rather than fresh draws per step.
+    brownian: bool = False
 
     def __call__(self, *args: Any, **kwargs: Any) -> Tensor:
         unknown = set(kwargs) - self.options - {"cond", "noise", "callback"}
@@ -63,13 +66,13 @@ SAMPLERS: tuple[SamplerSpec, ...] = (
     SamplerSpec("LMS", "lms", k.sample_lms, "uniform", False, 4, frozenset({"order"})),
     SamplerSpec("DPM++ 2M", "dpmpp_2m", dpm.sample_dpmpp_2m, "karras", False, 2),
     SamplerSpec("DPM++ 2M SDE", "dpmpp_2m_sde", dpm.sample_dpmpp_2m_sde, "exponential", True,
-                None, frozenset({"eta", "s_noise", "solver_type"})),
+                None, frozenset({"eta", "s_noise", "solver_type"}), brownian=True),
     SamplerSpec("DPM++ SDE", "dpmpp_sde", dpm.sample_dpmpp_sde, "karras", True, None,
-                frozenset({"eta", "s_noise", "r"})),
+                frozenset({"eta", "s_noise", "r"}), brownian=True),
     SamplerSpec("DPM++ 2S a", "dpmpp_2s_ancestral", dpm.sample_dpmpp_2s_ancestral, "karras",
                 True, None, _ANCESTRAL),
     SamplerSpec("DPM++ 3M SDE", "dpmpp_3m_sde", dpm.sample_dpmpp_3m_sde, "exponential", True,
-                None, frozenset({"eta", "s_noise"})),
+                None, frozenset({"eta", "s_noise"}), brownian=True),
     SamplerSpec("DDIM", "ddim", k.sample_ddim, "ddim_uniform", False, 1, frozenset({"eta"})),
     SamplerSpec("PLMS", "plms", k.sample_plms, "ddim_uniform", False, 4, frozenset(),
                 ("pndm",)),
