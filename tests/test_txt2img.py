@@ -7,6 +7,7 @@ import pytest
 import torch
 from diffusers import EulerDiscreteScheduler, StableDiffusionPipeline
 from PIL import Image
+from transformers import CLIPTextConfig, CLIPTextModel
 
 from emaki.cli import main
 from emaki.imageio import read_infotext
@@ -168,3 +169,47 @@ def test_cli_missing_model_and_unreadable_image(tmp_path, capsys) -> None:
     assert main(["info", str(bad)]) == 2
     err = capsys.readouterr().err
     assert "bad.png" in err and "Traceback" not in err
+
+
+def test_text_encoding_matches_diffusers(bundle, pipe) -> None:
+    ref = StableDiffusionPipeline(
+        vae=bundle.vae, text_encoder=bundle.text_encoder, tokenizer=bundle.tokenizer,
+        unet=bundle.unet, scheduler=EulerDiscreteScheduler(), safety_checker=None,
+        feature_extractor=None, requires_safety_checker=False,
+    )  # fmt: skip
+    theirs, _ = ref.encode_prompt("a castle on a hill", "cpu", 1, False)
+    ours = pipe.text.encode("a castle on a hill").context
+    assert ours.shape == theirs.shape == (1, 77, bundle.text_encoder.config.hidden_size)
+    assert torch.equal(ours, theirs)
+
+
+def test_clip_skip_equals_a_text_encoder_without_its_last_layers(bundle, pipe) -> None:
+    """Clip skip N (A1111) = the same encoder truncated by N-1 layers, final norm applied."""
+    cfg = bundle.text_encoder.config
+    short = CLIPTextModel(CLIPTextConfig(**{**cfg.to_dict(), "num_hidden_layers": 1})).eval()
+    missing, _ = short.load_state_dict(bundle.text_encoder.state_dict(), strict=False)
+    assert not missing
+    ids = torch.tensor(pipe.text.chunks("a castle on a hill"))
+    with torch.no_grad():
+        expected = short(ids).last_hidden_state
+    assert cfg.num_hidden_layers == 2
+    assert torch.allclose(pipe.text.encode("a castle on a hill", clip_skip=2).context, expected)
+
+
+def test_long_prompt_is_encoded_in_75_token_chunks(pipe) -> None:
+    words = " ".join(f"word{i}" for i in range(60))  # well over 75 tokens
+    chunks = pipe.text.chunks(words)
+    assert len(chunks) >= 2 and all(len(c) == 77 for c in chunks)
+    ctx = pipe.text.encode(words).context
+    assert ctx.shape[1] == 77 * len(chunks)
+    first = pipe.text.encode_chunks(chunks[:1]).context
+    assert torch.equal(ctx[:, :77], first)
+    # Positive and negative of different lengths still generate (two model calls, not one).
+    pipe.generate(GenerationRequest(prompt=words, negative_prompt="bad", steps=2, seed=1))
+
+
+def test_sd2_family_generates(tmp_path) -> None:
+    sd2 = Pipeline(make_tiny_bundle("sd2", seed=1, prediction_type="v_prediction"))
+    result = sd2.generate(GenerationRequest(prompt="a boat", steps=3, seed=2, width=64, height=48))
+    assert result.images[0].size == (64, 48)
+    assert _pixels(result.images[0]).std() > 1
