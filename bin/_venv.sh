@@ -13,6 +13,11 @@ ensure_venv() {
     if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
         return 0
     fi
+    # The dev extra includes everything core needs.
+    if [ "$extras" = core ] && [ -f "$emaki_venv/.emaki-dev" ] \
+        && [ "$(cat "$emaki_venv/.emaki-dev")" = "$want" ]; then
+        return 0
+    fi
     if ! "$python" -c 'import sys; sys.exit(0 if sys.version_info[:2] == (3, 11) else 1)' 2>/dev/null; then
         echo "emaki: needs Python 3.11 (the torch 2.13.0 CPU wheel is built for it); set PYTHON=/path/to/python3.11" >&2
         exit 2
