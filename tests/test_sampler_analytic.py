@@ -69,7 +69,12 @@ def test_sampler_options_converge_at_their_order(name, options, order, problem) 
     assert convergence_order(errors, STEPS) > order - 0.35, errors
 
 
-STOCHASTIC = [s for s in SAMPLERS if s.stochastic]
+# LCM is a consistency-model sampler: with a posterior-mean denoiser it under-disperses at every
+# step, however many; it is tested with an exact consistency function below.
+STOCHASTIC = [s for s in SAMPLERS if s.stochastic and s.name != "lcm"]
+# Ancestral samplers built on a first-order step (Euler a; DDPM and DDIM with eta = 1 are the same
+# step) have a variance bias of O(1/steps): ~10% low at 60 steps, ~2% at 240.
+FIRST_ORDER_STOCHASTIC = {"euler_ancestral", "ddpm"}
 # Samplers whose stages draw noise over overlapping intervals need one Brownian path.
 BROWNIAN = {"dpmpp_sde"}
 
@@ -117,15 +122,34 @@ def _assert_matches_distribution(gm: GaussianMixture, out: torch.Tensor) -> None
 
 @pytest.mark.parametrize("spec", STOCHASTIC, ids=lambda s: s.name)
 def test_stochastic_sampler_reproduces_mean_and_variance(spec: SamplerSpec) -> None:
-    gm, out = _sample_distribution(spec)
+    gm, out = _sample_distribution(spec, steps=240 if spec.name in FIRST_ORDER_STOCHASTIC else 60)
     _assert_matches_distribution(gm, out)
 
 
 def test_ddim_with_eta_one_reproduces_mean_and_variance() -> None:
     from emaki.sampling.registry import get_sampler
 
-    gm, out = _sample_distribution(get_sampler("ddim"), eta=1.0)
+    gm, out = _sample_distribution(get_sampler("ddim"), steps=240, eta=1.0)
     _assert_matches_distribution(gm, out)
+
+
+def test_lcm_with_an_exact_consistency_function_samples_exactly() -> None:
+    """LCM (Luo et al. 2023) maps x to the probability-flow ODE's endpoint, then re-noises.
+
+    For one Gaussian N(mu, s^2) that map is ``mu + (x - mu) s / sqrt(s^2 + sigma^2)``, so every
+    step's output is an exact sample and a few steps reproduce the distribution exactly.
+    """
+    gm, n, sigma_max = single_gaussian(), 20000, 80.0
+    mu, s2 = gm.means[0], float(gm.stds[0]) ** 2
+
+    def consistency_fn(x: torch.Tensor, sigma: torch.Tensor, cond: object = None) -> torch.Tensor:
+        return mu + (x - mu) * (s2 / (s2 + sigma[:, None] ** 2)).sqrt()
+
+    g = torch.Generator().manual_seed(0)
+    x = gm.sample(n, g) + torch.randn(n, gm.dim, generator=g, dtype=torch.float64) * sigma_max
+    sigmas = karras_sigmas(4, sigma_min=2e-3, sigma_max=sigma_max)
+    noise = _GeneratorNoise((n, gm.dim), seed=1)
+    _assert_matches_distribution(gm, get_sampler("lcm")(consistency_fn, x, sigmas, noise=noise))
 
 
 def test_euler_is_ode_solution_not_a_sample_of_the_right_variance_at_one_step() -> None:

@@ -34,7 +34,9 @@ def convert(
     destination = Path(dst)
     if destination.exists() and not overwrite:
         # fail before spending seconds to minutes loading a large model
-        raise ModelSaveError(f"{destination} already exists (choose another name, or pass --overwrite)")
+        raise ModelSaveError(
+            f"{destination} already exists (choose another name, or pass --overwrite)"
+        )
     load_opts.setdefault("dtype", None)
     bundle = load_model(src, **load_opts)
     if to == "diffusers":
