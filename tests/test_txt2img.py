@@ -213,3 +213,13 @@ def test_sd2_family_generates(tmp_path) -> None:
     result = sd2.generate(GenerationRequest(prompt="a boat", steps=3, seed=2, width=64, height=48))
     assert result.images[0].size == (64, 48)
     assert _pixels(result.images[0]).std() > 1
+
+
+def test_encode_many_equals_encoding_one_by_one(pipe) -> None:
+    long = " ".join(f"w{i}" for i in range(90))
+    texts = ["a cat", "", long, "a dog, (happy)"]
+    many = pipe.text.encode_many(texts)
+    for text, cond in zip(texts, many):
+        alone = pipe.text.encode(text).context
+        assert cond.context.shape == alone.shape
+        assert torch.allclose(cond.context, alone, atol=1e-5)

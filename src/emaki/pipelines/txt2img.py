@@ -97,8 +97,7 @@ class Pipeline:
     def conditioning(self, r: Resolved) -> GuidedCond:
         """Step 2: encode the prompt and the negative prompt (once each, not per image)."""
         req = r.request
-        positive = self.text.encode(req.prompt, req.clip_skip)
-        negative = self.text.encode(req.negative_prompt, req.clip_skip)
+        positive, negative = self.text.encode_many([req.prompt, req.negative_prompt], req.clip_skip)
         return GuidedCond(positive, negative)
 
     def denoiser(self, r: Resolved) -> CFGDenoiser:

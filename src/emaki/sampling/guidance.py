@@ -23,6 +23,18 @@ class GuidedCond:
     positive: Conditioning
     negative: Conditioning
 
+    def batched(self, batch_size: int) -> Conditioning | None:
+        """Positive and negative repeated to ``batch_size`` and concatenated, computed once.
+
+        None when their token lengths differ (then guidance makes two model calls).
+        """
+        cache = self.__dict__.setdefault("_batched", {})  # frozen: cache outside the fields
+        if batch_size not in cache:
+            pos = self.positive.repeat_to(batch_size)
+            neg = self.negative.repeat_to(batch_size)
+            cache[batch_size] = Conditioning.cat([pos, neg]) if pos.can_cat(neg) else None
+        return cache[batch_size]
+
 
 class CFGDenoiser:
     """Classifier-free guidance (Ho & Salimans 2022) with a negative prompt and rescale.
@@ -49,15 +61,13 @@ class CFGDenoiser:
         b = x.shape[0]
         if self.scale == 1.0 and self.rescale == 0.0:
             return self.inner(x, sigma, pos.repeat_to(b))
-        pos, neg = pos.repeat_to(b), neg.repeat_to(b)
-        if pos.can_cat(neg):
-            both = self.inner(
-                torch.cat([x, x]), torch.cat([sigma, sigma]), Conditioning.cat([pos, neg])
-            )
-            d_pos, d_neg = both.chunk(2)
+        both = cond.batched(b)
+        if both is not None:
+            out = self.inner(torch.cat([x, x]), torch.cat([sigma, sigma]), both)
+            d_pos, d_neg = out.chunk(2)
         else:
-            d_pos = self.inner(x, sigma, pos)
-            d_neg = self.inner(x, sigma, neg)
+            d_pos = self.inner(x, sigma, pos.repeat_to(b))
+            d_neg = self.inner(x, sigma, neg.repeat_to(b))
         guided = d_neg + self.scale * (d_pos - d_neg)
         if self.rescale > 0:
             guided = _rescale(x, d_pos, guided, self.rescale)

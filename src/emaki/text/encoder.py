@@ -51,6 +51,24 @@ class TextEncoder:
         return self.encode_chunks(self.chunks(text), clip_skip)
 
     @torch.inference_mode()
+    def encode_many(self, texts: Sequence[str], clip_skip: int = 1) -> list[Conditioning]:
+        """Encode several prompts; those with the same number of chunks share one model call.
+
+        (A prompt and its negative prompt usually do: one text-encoder pass instead of two.)
+        """
+        chunked = [self.chunks(t) for t in texts]
+        out: list[Conditioning | None] = [None] * len(texts)
+        for n in sorted({len(c) for c in chunked}):
+            idx = [i for i, c in enumerate(chunked) if len(c) == n]
+            flat = [chunk for i in idx for chunk in chunked[i]]
+            device = next(self.model.parameters()).device
+            states = self._hidden_states(torch.tensor(flat, device=device), clip_skip)
+            states = states.reshape(len(idx), n * states.shape[1], states.shape[-1]).float()
+            for row, i in enumerate(idx):
+                out[i] = Conditioning(states[row : row + 1])
+        return [c for c in out if c is not None]
+
+    @torch.inference_mode()
     def encode_chunks(self, chunks: Sequence[Sequence[int]], clip_skip: int = 1) -> Conditioning:
         device = next(self.model.parameters()).device
         ids = torch.tensor(chunks, dtype=torch.long, device=device)  # [chunks, 77]
