@@ -122,20 +122,22 @@ class DiscreteDenoiser:
         return out
 
 
-def thresholded(denoiser: Denoiser, percentile: float = 0.995, max_value: float = 1.0) -> Denoiser:
+def thresholded(
+    denoiser: Denoiser, percentile: float = 0.995, max_threshold: float = float("inf")
+) -> Denoiser:
     """Dynamic thresholding of the x0 estimate (Saharia et al. 2022, Imagen, section 2.3).
 
-    For pixel-space models: per sample, ``s`` is the ``percentile`` quantile of ``|x0|``, floored
-    at ``max_value``; x0 is clamped to [-s, s] and divided by s / max_value. It prevents
-    saturated images at high guidance. Latent-space models should not use it (latents are not
-    bounded to [-1, 1]).
+    For pixel-space models with data in [-1, 1]: per sample, ``s`` is the ``percentile``
+    quantile of ``|x0|``, clamped to [1, max_threshold]; x0 is clamped to [-s, s] and divided by
+    s. With s = 1 this is plain clipping. It prevents saturated images at high guidance.
+    Latent-space models should not use it (latents are not bounded to [-1, 1]).
     """
 
     def wrapped(x: Tensor, sigma: Tensor, cond: Any) -> Tensor:
         x0 = denoiser(x, sigma, cond)
         flat = x0.reshape(x0.shape[0], -1).abs().float()
-        s = torch.quantile(flat, percentile, dim=1).clamp(min=max_value).to(x0.dtype)
+        s = torch.quantile(flat, percentile, dim=1).clamp(1.0, max_threshold).to(x0.dtype)
         s = append_dims(s, x0.ndim)
-        return x0.clamp(-s, s) / s * max_value
+        return x0.clamp(-s, s) / s
 
     return wrapped
