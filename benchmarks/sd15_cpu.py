@@ -16,13 +16,18 @@ import argparse
 import platform
 import time
 
-import numpy as np
-import torch
+from emaki.runtime import tune_allocator
 
-from emaki.models.families import TinyConfigs, config_dict, get_family
-from emaki.models.tiny import make_tiny_bundle
-from emaki.pipelines.txt2img import Pipeline
-from emaki.request import GenerationRequest
+# As the emaki command does: before torch's first large allocation (importing diffusers makes one).
+tune_allocator()
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+from emaki.models.families import TinyConfigs, config_dict, get_family  # noqa: E402
+from emaki.models.tiny import make_tiny_bundle  # noqa: E402
+from emaki.pipelines.txt2img import Pipeline  # noqa: E402
+from emaki.request import GenerationRequest  # noqa: E402
 
 FLOOR_TFLOP = (34.7, 38.1)  # perf.md 2.1: SD1.5, 20 steps + CFG + VAE decode, 512 px
 PEAK_GFLOPS = 384.0  # perf.md 2.2: 2 cores x 64 FP32 FLOP/cycle x 3.0 GHz

@@ -1,12 +1,18 @@
 """txt2img speed: emaki vs diffusers' StableDiffusionPipeline on the same weights and work.
 
-Both sides get the same randomly initialised model (shared module objects, so the weights are the
-same tensors), prompt, negative prompt, sampler (DPM++ 2M, Karras sigmas), steps, CFG scale, seed
-and size, and both decode to a PIL image. Runs alternate (emaki first on even runs, diffusers
-first on odd runs) so that drift in machine speed affects both; the script prints each pair and
-the median ratio emaki/diffusers.
+Both sides get the same randomly initialised model (built from the same seed, so the weights are
+identical), prompt, negative prompt, sampler (DPM++ 2M, Karras sigmas), steps, CFG scale, seed
+and size, and both decode to a PIL image.
 
-    python benchmarks/txt2img_vs_diffusers.py --model tiny --size 64 --runs 7
+By default each side runs in its own long-lived worker process, as a user runs it: the emaki
+worker applies emaki's runtime settings (``emaki.runtime.tune_allocator``, as ``load_pipeline``
+does), the diffusers worker runs plain. Each worker builds the model and warms up with a 2-step
+generation; then the parent asks them for one generation at a time, alternating (emaki first on
+even runs, diffusers first on odd runs), so that drift in machine speed affects both sides alike.
+``--same-process`` instead runs both in one process without emaki's runtime settings, comparing
+only the code paths.
+
+    python benchmarks/txt2img_vs_diffusers.py --model tiny --size 64 --runs 15
     python benchmarks/txt2img_vs_diffusers.py --model sd15 --size 256 --runs 5
 """
 
@@ -15,21 +21,29 @@ from __future__ import annotations
 import argparse
 import platform
 import statistics
+import subprocess
+import sys
 import time
+from typing import TYPE_CHECKING
 
-import torch
-from diffusers import DPMSolverMultistepScheduler, StableDiffusionPipeline
+# torch, diffusers and emaki's pipeline are imported inside functions: the emaki worker must
+# apply emaki.runtime.tune_allocator before they are imported, as the emaki command does.
+if TYPE_CHECKING:
+    from diffusers import StableDiffusionPipeline
 
-from emaki.models.families import TinyConfigs, config_dict, get_family
-from emaki.models.tiny import make_tiny_bundle
-from emaki.pipelines.txt2img import Pipeline
-from emaki.request import GenerationRequest
+    from emaki.pipelines.txt2img import Pipeline
 
 PROMPT = "a red apple on a wooden table, detailed, soft light"
 NEGATIVE = "blurry, lowres"
 
 
 def build(model: str) -> tuple[Pipeline, StableDiffusionPipeline]:
+    from diffusers import DPMSolverMultistepScheduler, StableDiffusionPipeline
+
+    from emaki.models.families import TinyConfigs, config_dict, get_family
+    from emaki.models.tiny import make_tiny_bundle
+    from emaki.pipelines.txt2img import Pipeline
+
     if model == "tiny":
         bundle = make_tiny_bundle("sd1", seed=0)
     else:
@@ -62,6 +76,8 @@ def build(model: str) -> tuple[Pipeline, StableDiffusionPipeline]:
 
 
 def time_emaki(pipe: Pipeline, size: int, steps: int, seed: int) -> float:
+    from emaki.request import GenerationRequest
+
     req = GenerationRequest(
         prompt=PROMPT,
         negative_prompt=NEGATIVE,
@@ -79,6 +95,8 @@ def time_emaki(pipe: Pipeline, size: int, steps: int, seed: int) -> float:
 
 
 def time_diffusers(ref: StableDiffusionPipeline, size: int, steps: int, seed: int) -> float:
+    import torch
+
     start = time.perf_counter()
     with torch.inference_mode():
         ref(
@@ -94,26 +112,87 @@ def time_diffusers(ref: StableDiffusionPipeline, size: int, steps: int, seed: in
     return time.perf_counter() - start
 
 
+def worker(args: argparse.Namespace) -> None:
+    """One side in its own process: build, warm up, then time one generation per stdin line."""
+    if args.side == "emaki":
+        from emaki.runtime import tune_allocator
+
+        tune_allocator()
+    pipe, ref = build(args.model)
+
+    def run(steps: int, seed: int) -> float:
+        if args.side == "emaki":
+            return time_emaki(pipe, args.size, steps, seed)
+        return time_diffusers(ref, args.size, steps, seed)
+
+    run(2, 0)
+    print("READY", flush=True)
+    for line in sys.stdin:
+        print(f"TIME {run(args.steps, int(line)):.6f}", flush=True)
+
+
+class Worker:
+    """A worker process of one side, driven line by line."""
+
+    def __init__(self, args: argparse.Namespace, side: str) -> None:
+        cmd = [sys.executable, __file__, "--side", side, "--model", args.model]
+        cmd += ["--size", str(args.size), "--steps", str(args.steps)]
+        self.proc = subprocess.Popen(
+            cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True
+        )
+        self._expect("READY")
+
+    def _expect(self, word: str) -> str:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            if line.startswith(word):
+                return line
+        raise RuntimeError(f"worker exited before {word}")
+
+    def time(self, seed: int) -> float:
+        assert self.proc.stdin is not None
+        self.proc.stdin.write(f"{seed}\n")
+        self.proc.stdin.flush()
+        return float(self._expect("TIME").split()[1])
+
+    def close(self) -> None:
+        assert self.proc.stdin is not None
+        self.proc.stdin.close()
+        self.proc.wait()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", choices=["tiny", "sd15"], default="tiny")
     parser.add_argument("--size", type=int, default=64)
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--runs", type=int, default=7)
+    parser.add_argument("--same-process", action="store_true")
+    parser.add_argument("--side", choices=["emaki", "diffusers"], help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.side:
+        worker(args)
+        return
+    import torch
 
-    print(
-        f"machine: {platform.processor() or platform.machine()}, torch threads {torch.get_num_threads()}"
-    )
-    pipe, ref = build(args.model)
-    time_emaki(pipe, args.size, 2, 0)  # warm-up both (allocator, oneDNN kernels)
-    time_diffusers(ref, args.size, 2, 0)
+    mode = "same process" if args.same_process else "separate processes"
+    print(f"machine: {platform.machine()}, torch threads {torch.get_num_threads()}, {mode}")
+    if args.same_process:
+        pipe, ref = build(args.model)
+        time_emaki(pipe, args.size, 2, 0)  # warm-up both (allocator, oneDNN kernels)
+        time_diffusers(ref, args.size, 2, 0)
+    else:
+        workers = {side: Worker(args, side) for side in ("emaki", "diffusers")}
     ratios = []
     for run in range(args.runs):
         order = ["emaki", "diffusers"] if run % 2 == 0 else ["diffusers", "emaki"]
         times: dict[str, float] = {}
         for side in order:
-            if side == "emaki":
+            if not args.same_process:
+                # Let the other worker's OpenMP threads stop spinning before this one starts.
+                time.sleep(0.5)
+                times[side] = workers[side].time(seed=run)
+            elif side == "emaki":
                 times[side] = time_emaki(pipe, args.size, args.steps, seed=run)
             else:
                 times[side] = time_diffusers(ref, args.size, args.steps, seed=run)
@@ -121,10 +200,14 @@ def main() -> None:
         ratios.append(ratio)
         print(
             f"run {run}: emaki {times['emaki']:.3f} s, diffusers {times['diffusers']:.3f} s, "
-            f"ratio {ratio:.3f}"
+            f"ratio {ratio:.3f}",
+            flush=True,
         )
+    if not args.same_process:
+        for w in workers.values():
+            w.close()
     print(
-        f"{args.model} {args.size}px {args.steps} steps DPM++ 2M Karras CFG 7: "
+        f"{args.model} {args.size}px {args.steps} steps DPM++ 2M Karras CFG 7 ({mode}): "
         f"median ratio emaki/diffusers = {statistics.median(ratios):.3f} over {args.runs} runs"
     )
 

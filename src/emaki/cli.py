@@ -225,6 +225,9 @@ COMMANDS = {
 
 
 def main(argv: list[str] | None = None) -> int:
+    from emaki.runtime import tune_allocator
+
+    tune_allocator()  # before torch's first large allocation (importing diffusers makes one)
     args = build_parser().parse_args(argv)
     try:
         return COMMANDS[args.command](args)

@@ -24,7 +24,7 @@ import torch
 from emaki.errors import ModelLoadError
 
 if TYPE_CHECKING:
-    from emaki.models.bundle import ModelBundle
+    pass
 
 PredictionType = Literal["epsilon", "v_prediction", "sample"]
 PREDICTION_TYPES: tuple[str, ...] = ("epsilon", "v_prediction", "sample")
@@ -295,23 +295,6 @@ def normalize_prediction_type(value: str) -> PredictionType:
         accepted = ", ".join(PREDICTION_TYPES + tuple(PREDICTION_ALIASES))
         raise ModelLoadError(f"unknown prediction type {value!r} (accepted: {accepted})")
     return name  # type: ignore[return-value]
-
-
-def make_tiny_bundle(
-    family: str,
-    seed: int = 0,
-    prediction_type: str = "epsilon",
-    *,
-    configs: TinyConfigs | None = None,
-) -> ModelBundle:
-    """A deterministic tiny random model of a family; see :func:`emaki.models.tiny.make_tiny_bundle`.
-
-    Kept here too because the tiny configs live here; imported lazily (the builder needs torch
-    modules this data module does not).
-    """
-    from emaki.models.tiny import make_tiny_bundle as build
-
-    return build(family, seed, prediction_type, configs=configs)
 
 
 @dataclass(frozen=True)

@@ -210,7 +210,11 @@ def load_pipeline(
     vae_path: str | Path | None = None,
     allow_pickle: bool = False,
 ) -> Pipeline:
-    """Load a model (diffusers folder or single-file checkpoint) and return a :class:`Pipeline`."""
+    """Load a model (diffusers folder or single-file checkpoint) and return a :class:`Pipeline`.
+
+    For faster CPU inference call :func:`emaki.runtime.tune_allocator` first, before importing
+    this module (the ``emaki`` command does).
+    """
     from emaki.models.loading import load_model
 
     bundle = load_model(

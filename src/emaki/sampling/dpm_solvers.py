@@ -40,7 +40,7 @@ from torch import Tensor
 
 from emaki.errors import InvalidRequestError
 from emaki.sampling.denoisers import Denoiser
-from emaki.sampling.samplers import report, require_noise
+from emaki.sampling.samplers import ancestral_step, draw, report, require_noise
 from emaki.sampling.types import NoiseSampler, StepCallback
 
 
@@ -49,23 +49,12 @@ def _sigma_in(x: Tensor, sigma: float) -> Tensor:
     return x.new_full((x.shape[0],), sigma)
 
 
-def _draw(noise: NoiseSampler, sigma: Tensor, sigma_next: Tensor, x: Tensor) -> Tensor:
-    """Unit noise for sigma -> sigma_next in x's dtype and device (sources draw on the CPU)."""
-    return noise(sigma, sigma_next).to(x)
-
-
 def _ancestral_split(sigma: float, sigma_next: float, eta: float) -> tuple[float, float]:
-    """Split a step into a deterministic part down to ``sigma_down`` and fresh noise ``sigma_up``.
-
-    Ancestral sampling (Ho et al. 2020, in the VE form of Karras et al. 2022): with
-    ``sigma_up^2 = eta^2 * sigma_next^2 * (sigma^2 - sigma_next^2) / sigma^2`` (capped at
-    sigma_next) and ``sigma_down^2 = sigma_next^2 - sigma_up^2``, stepping to sigma_down and adding
-    ``sigma_up`` times unit noise lands on the marginal at sigma_next; eta = 1 is DDPM's posterior.
-    """
-    if sigma_next == 0:
-        return 0.0, 0.0
-    up = min(sigma_next, eta * math.sqrt(sigma_next**2 * (sigma**2 - sigma_next**2) / sigma**2))
-    return math.sqrt(sigma_next**2 - up**2), up
+    """:func:`~emaki.sampling.samplers.ancestral_step` on Python floats."""
+    down, up = ancestral_step(
+        torch.tensor(sigma, dtype=torch.float64), torch.tensor(sigma_next, dtype=torch.float64), eta
+    )
+    return float(down), float(up)
 
 
 def _check_choice(name: str, value: Any, accepted: Sequence[Any]) -> None:
@@ -163,7 +152,7 @@ def sample_dpmpp_2m_sde(
                 else:
                     x = x - d1 * (0.5 * math.expm1(-kh))
             if eta > 0:
-                z = _draw(noise, sigmas[i], sigmas[i + 1], x)
+                z = draw(noise, sigmas[i], sigmas[i + 1], x)
                 x = x + z * (sigma_next * math.sqrt(-math.expm1(-2 * eta * h)) * s_noise)
             prev = (denoised, h)
         report(callback, i, sigmas, x, denoised)
@@ -232,7 +221,7 @@ def _ancestral_step(
     x = x * (down / sigma) + denoised * (1 - down / sigma)
     if up > 0 and noise is not None:
         interval = torch.tensor([sigma, sigma_next], dtype=torch.float64)
-        z = _draw(noise, interval[0], interval[1], x)
+        z = draw(noise, interval[0], interval[1], x)
         x = x + z * (up * s_noise)
     return x
 
@@ -273,7 +262,7 @@ def sample_dpmpp_2s_ancestral(
             denoised_mid = denoiser(x_mid, _sigma_in(x, sigma_mid), cond)
             x = x * (down / sigma) + denoised_mid * (1 - down / sigma)
         if up > 0:
-            x = x + _draw(noise, sigmas[i], sigmas[i + 1], x) * (up * s_noise)
+            x = x + draw(noise, sigmas[i], sigmas[i + 1], x) * (up * s_noise)
         report(callback, i, sigmas, x, denoised)
     return x
 
@@ -327,7 +316,7 @@ def sample_dpmpp_3m_sde(
                 if d2 is not None:
                     x = x + d2 * phi_3
             if eta > 0:
-                z = _draw(noise, sigmas[i], sigmas[i + 1], x)
+                z = draw(noise, sigmas[i], sigmas[i + 1], x)
                 x = x + z * (sigma_next * math.sqrt(-math.expm1(-2 * eta * h)) * s_noise)
         report(callback, i, sigmas, x, denoised)
     return x
