@@ -12,7 +12,7 @@ even runs, diffusers first on odd runs), so that drift in machine speed affects 
 ``--same-process`` instead runs both in one process without emaki's runtime settings, comparing
 only the code paths.
 
-    python benchmarks/txt2img_vs_diffusers.py --model tiny --size 64 --runs 15
+    python benchmarks/txt2img_vs_diffusers.py --model tiny --size 64 --runs 15 --repeat 5
     python benchmarks/txt2img_vs_diffusers.py --model sd15 --size 256 --runs 5
 """
 
@@ -128,7 +128,8 @@ def worker(args: argparse.Namespace) -> None:
     run(2, 0)
     print("READY", flush=True)
     for line in sys.stdin:
-        print(f"TIME {run(args.steps, int(line)):.6f}", flush=True)
+        times = [run(args.steps, int(line)) for _ in range(args.repeat)]
+        print(f"TIME {statistics.median(times):.6f}", flush=True)
 
 
 class Worker:
@@ -136,7 +137,7 @@ class Worker:
 
     def __init__(self, args: argparse.Namespace, side: str) -> None:
         cmd = [sys.executable, __file__, "--side", side, "--model", args.model]
-        cmd += ["--size", str(args.size), "--steps", str(args.steps)]
+        cmd += ["--size", str(args.size), "--steps", str(args.steps), "--repeat", str(args.repeat)]
         self.proc = subprocess.Popen(
             cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True
         )
@@ -168,6 +169,9 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--runs", type=int, default=7)
     parser.add_argument("--same-process", action="store_true")
+    parser.add_argument(
+        "--repeat", type=int, default=1, help="generations per worker request (median taken)"
+    )
     parser.add_argument("--side", choices=["emaki", "diffusers"], help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.side:
