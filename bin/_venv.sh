@@ -13,8 +13,8 @@ ensure_venv() {
     if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
         return 0
     fi
-    # The dev extra includes everything core needs.
-    if [ "$extras" = core ] && [ -f "$emaki_venv/.emaki-dev" ] \
+    # The dev extra includes everything core and train need.
+    if [ "$extras" != dev ] && [ -f "$emaki_venv/.emaki-dev" ] \
         && [ "$(cat "$emaki_venv/.emaki-dev")" = "$want" ]; then
         return 0
     fi

@@ -13,6 +13,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from emaki import __version__
+from emaki.data import cli as data_cli
 from emaki.errors import EmakiError
 
 DEFAULT_OUT = Path("outputs")
@@ -84,6 +85,7 @@ def build_parser() -> argparse.ArgumentParser:
     tiny.add_argument("--family", choices=["sd1", "sd2"], default="sd1")
     tiny.add_argument("--format", choices=["diffusers", "single-file"], default="diffusers")
     tiny.add_argument("--seed", type=int, default=0)
+    data_cli.register(sub)
     return parser
 
 
@@ -221,6 +223,7 @@ COMMANDS = {
     "convert": cmd_convert,
     "samplers": cmd_samplers,
     "make-tiny-model": cmd_make_tiny_model,
+    "data": data_cli.run,
 }
 
 
