@@ -274,4 +274,7 @@ def test_source_resolution_and_name_helpers() -> None:
     lex = EmojiLexicon()
     lex.add_chars({"23f0": "alarm-clock"})
     assert lex.canonical("alarmclock") == "alarm-clock"
+    lex.add_chars({"1f3a3": "fishing-pole", "1f41f": "fish", "1f170": "and-button"})
+    assert lex.canonical("fishingpoleandfish") == "fishing-pole-and-fish"
+    assert lex.canonical("qqq") == "qqq"
     assert clipart_title(Path("Red_Apple_01.svg")) == "red apple"

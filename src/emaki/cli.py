@@ -14,6 +14,7 @@ from pathlib import Path
 
 from emaki import __version__
 from emaki.data import cli as data_cli
+from emaki.train import cli as train_cli
 from emaki.errors import EmakiError
 
 DEFAULT_OUT = Path("outputs")
@@ -86,6 +87,7 @@ def build_parser() -> argparse.ArgumentParser:
     tiny.add_argument("--format", choices=["diffusers", "single-file"], default="diffusers")
     tiny.add_argument("--seed", type=int, default=0)
     data_cli.register(sub)
+    train_cli.register(sub)
     return parser
 
 
@@ -224,6 +226,7 @@ COMMANDS = {
     "samplers": cmd_samplers,
     "make-tiny-model": cmd_make_tiny_model,
     "data": data_cli.run,
+    "train": train_cli.run,
 }
 
 

@@ -77,6 +77,25 @@ def _merge_tones(parts: list[str]) -> list[str]:
     return out
 
 
+def segment_words(text: str, vocabulary: frozenset[str] | set[str]) -> list[str] | None:
+    """Split run-together words (``fishingpoleandfish``) into the fewest words of ``vocabulary``.
+
+    Dynamic programming over prefixes; returns None when the text cannot be covered entirely.
+    """
+    n = len(text)
+    best: list[list[str] | None] = [None] * (n + 1)
+    best[0] = []
+    for end in range(1, n + 1):
+        for start in range(max(0, end - 24), end):
+            prev = best[start]
+            piece = text[start:end]
+            if prev is not None and piece in vocabulary:
+                cand = [*prev, piece]
+                if best[end] is None or len(cand) < len(best[end]):
+                    best[end] = cand
+    return best[n]
+
+
 def name_words(name: str) -> str:
     """``grinning-face-with-big-eyes`` → ``grinning face with big eyes`` (numbered variants unnumbered)."""
     return _NUM_SUFFIX.sub("", name).replace("-", " ").replace("_", " ").strip()
@@ -90,11 +109,13 @@ class EmojiLexicon:
     keywords: dict[str, list[str]] = field(default_factory=dict)  # normalised code point → words
     category: dict[str, str] = field(default_factory=dict)  # normalised code point → category
     _squashed: dict[str, str] = field(default_factory=dict)
+    _vocab: frozenset[str] | None = None
 
     def add_chars(self, chars: dict[str, str]) -> None:
         for cp, name in chars.items():
             self.name_to_cp.setdefault(name, cp)
             self._squashed.setdefault(name.replace("-", ""), name)
+        self._vocab = None
 
     @classmethod
     def load(
@@ -117,10 +138,24 @@ class EmojiLexicon:
         return lex
 
     def canonical(self, name: str) -> str:
-        """The CLDR name for an icon name, matching hyphen-less spellings; unchanged if unknown."""
+        """The CLDR name for an icon name, matching hyphen-less spellings.
+
+        A run-together name that matches no CLDR name (Mozilla's ``fishingpoleandfish``) is split
+        into known words where it can be (``fishing-pole-and-fish``); otherwise it is unchanged.
+        """
         if name in self.name_to_cp:
             return name
-        return self._squashed.get(name.replace("-", ""), name)
+        hit = self._squashed.get(name.replace("-", ""))
+        if hit is not None:
+            return hit
+        parts = [segment_words(p, self._vocabulary()) or [p] for p in name.split("-")]
+        return "-".join(w for ws in parts for w in ws)
+
+    def _vocabulary(self) -> frozenset[str]:
+        if self._vocab is None:
+            words = {w for n in self.name_to_cp for w in n.split("-") if len(w) > 1}
+            self._vocab = frozenset(words)
+        return self._vocab
 
     def keywords_for(self, name: str, limit: int = 5) -> list[str]:
         cp = self.name_to_cp.get(name)
