@@ -83,13 +83,18 @@ def _losses(run: Path) -> list[tuple[int, str]]:
         return [(int(r["step"]), r["loss"]) for r in csv.DictReader(f)]
 
 
-def test_resumed_run_reproduces_the_uninterrupted_losses_and_weights(dataset: Path, tmp_path: Path) -> None:
+def test_resumed_run_reproduces_the_uninterrupted_losses_and_weights(
+    dataset: Path, tmp_path: Path
+) -> None:
     full = train(parse_recipe(_recipe(dataset, tmp_path / "full", accum=2)), progress=False)
     assert full.finished and full.step == 6
     part = tmp_path / "part"
     r1 = train(parse_recipe(_recipe(dataset, part, accum=2)), stop_after=3, progress=False)
     assert not r1.finished and r1.step == 3
-    assert [p.name for p in list_checkpoints(part)] == ["step-00000002", "step-00000003"]  # on exit too
+    assert [p.name for p in list_checkpoints(part)] == [
+        "step-00000002",
+        "step-00000003",
+    ]  # on exit too
     r2 = train(parse_recipe(_recipe(dataset, part, accum=2)), progress=False)
     assert r2.finished and r2.step == 6
     assert _losses(part) == _losses(tmp_path / "full")
@@ -116,7 +121,10 @@ def test_outputs_model_log_curve_and_samples(dataset: Path, tmp_path: Path) -> N
     first_trainable = next(p for p in vae.parameters())
     assert torch.equal(first_trainable.detach(), ema_first)
     assert (run / "loss.png").is_file() and Image.open(run / "loss.png").size == (720, 400)
-    assert sorted(p.name for p in (run / "samples").iterdir()) == ["step-00000003.png", "step-00000004.png"]
+    assert sorted(p.name for p in (run / "samples").iterdir()) == [
+        "step-00000003.png",
+        "step-00000004.png",
+    ]
     assert (run / "recipe.toml").read_text().startswith("\nkind")
 
 
@@ -146,7 +154,10 @@ def test_nan_loss_stops_without_saving(dataset: Path, tmp_path: Path) -> None:
         train(recipe, task, progress=False, accelerator=acc)  # type: ignore[arg-type]
     names = [p.name for p in list_checkpoints(run)]
     assert names == ["step-00000002"]  # nothing from step 3 or 4
-    assert all(torch.isfinite(t).all() for t in load_checkpoint(list_checkpoints(run)[-1])["model"].values())
+    assert all(
+        torch.isfinite(t).all()
+        for t in load_checkpoint(list_checkpoints(run)[-1])["model"].values()
+    )
 
 
 class _SignalAt(_NanAt):
@@ -175,7 +186,10 @@ def test_changed_recipe_refuses_to_continue_a_run(dataset: Path, tmp_path: Path)
     assert train(parse_recipe(_recipe(dataset, run, steps=3)), progress=False).step == 3
     # ...a different model is not.
     with pytest.raises(TrainingError, match="different recipe"):
-        train(parse_recipe(_recipe(dataset, run, steps=4).replace("[8, 16]", "[8, 8]")), progress=False)
+        train(
+            parse_recipe(_recipe(dataset, run, steps=4).replace("[8, 16]", "[8, 8]")),
+            progress=False,
+        )
 
 
 def test_cli_train_and_errors(dataset: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:

@@ -14,8 +14,8 @@ from pathlib import Path
 
 from emaki import __version__
 from emaki.data import cli as data_cli
-from emaki.train import cli as train_cli
 from emaki.errors import EmakiError
+from emaki.train import cli as train_cli
 
 DEFAULT_OUT = Path("outputs")
 

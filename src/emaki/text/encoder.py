@@ -1,4 +1,4 @@
-"""Text encoding: prompt text -> CLIP hidden states, in 75-token chunks, with clip skip.
+"""Text encoding: prompt text -> text-encoder hidden states, in 75-token chunks, with clip skip.
 
 Prompts of any length are split into chunks of 75 tokens; each chunk is wrapped as
 ``[BOS] tokens [EOS] [PAD]...`` to 77 tokens, encoded independently, and the encoder states are
@@ -6,6 +6,11 @@ concatenated along the sequence axis (NovelAI's and A1111's "infinite prompt len
 give a [1, 154, D] tensor). A prompt of at most 75 tokens gives exactly what diffusers'
 ``StableDiffusionPipeline`` gives. Clip skip N takes the hidden states N layers before the last
 and applies the final layer norm, as A1111 does.
+
+The same code serves BERT-style encoders (emaki's default model conditions on a frozen MiniLM):
+``[CLS]``/``[SEP]`` take the place of BOS/EOS, chunks are ``model_max_length - 2`` tokens long,
+padding is masked when the encoder's config says ``use_attention_mask`` (as diffusers does), and
+clip skip takes an earlier layer's output as it is (BERT has no final layer norm).
 
 The A1111 prompt grammar (emphasis, editing, BREAK, comma backtracking) belongs to
 :mod:`emaki.prompts`; this module encodes plain text.
@@ -17,7 +22,7 @@ from collections.abc import Sequence
 
 import torch
 from torch import Tensor
-from transformers import CLIPTextModel, CLIPTokenizer
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from emaki.conditioning import Conditioning
 from emaki.errors import InvalidRequestError
@@ -26,14 +31,18 @@ CHUNK_TOKENS = 75
 
 
 class TextEncoder:
-    """Tokenizer + CLIP text model, encoding one prompt at a time (results are cacheable)."""
+    """Tokenizer + text model, encoding one prompt at a time (results are cacheable)."""
 
-    def __init__(self, tokenizer: CLIPTokenizer, model: CLIPTextModel) -> None:
+    def __init__(self, tokenizer: PreTrainedTokenizerBase, model: PreTrainedModel) -> None:
         self.tokenizer = tokenizer
         self.model = model
-        self.bos = tokenizer.bos_token_id
-        self.eos = tokenizer.eos_token_id
+        self.bos = _first_id(tokenizer, "bos_token_id", "cls_token_id")
+        self.eos = _first_id(tokenizer, "eos_token_id", "sep_token_id")
         self.pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.eos
+        length = int(tokenizer.model_max_length)
+        self.chunk_tokens = (length if 8 <= length <= 1024 else CHUNK_TOKENS + 2) - 2
+        self.use_mask = bool(getattr(model.config, "use_attention_mask", False))
+        self.clip_style = hasattr(getattr(model, "text_model", model), "final_layer_norm")
 
     def tokenize(self, text: str) -> list[int]:
         """BPE token ids of the text, without start/end tokens."""
@@ -42,8 +51,9 @@ class TextEncoder:
     def chunks(self, text: str) -> list[list[int]]:
         """The 77-token id sequences for the text (at least one, even for an empty prompt)."""
         ids = self.tokenize(text)
-        parts = [ids[i : i + CHUNK_TOKENS] for i in range(0, len(ids), CHUNK_TOKENS)] or [[]]
-        return [[self.bos, *p, self.eos] + [self.pad] * (CHUNK_TOKENS - len(p)) for p in parts]
+        n = self.chunk_tokens
+        parts = [ids[i : i + n] for i in range(0, len(ids), n)] or [[]]
+        return [[self.bos, *p, self.eos] + [self.pad] * (n - len(p)) for p in parts]
 
     @torch.inference_mode()
     def encode(self, text: str, clip_skip: int = 1) -> Conditioning:
@@ -76,14 +86,29 @@ class TextEncoder:
         return Conditioning(states.reshape(1, -1, states.shape[-1]).float())
 
     def _hidden_states(self, ids: Tensor, clip_skip: int) -> Tensor:
+        kwargs = {}
+        if self.use_mask:
+            # Everything up to and including each chunk's end token is text; the rest is padding.
+            is_end = (ids == self.eos).int()
+            kwargs["attention_mask"] = (is_end.cumsum(1) - is_end == 0).long()
         if clip_skip <= 1:
-            return self.model(ids).last_hidden_state
-        out = self.model(ids, output_hidden_states=True)
+            return self.model(ids, **kwargs).last_hidden_state
+        out = self.model(ids, output_hidden_states=True, **kwargs)
         layers = len(out.hidden_states) - 1
         if clip_skip > layers:
             raise InvalidRequestError(
                 f"clip skip {clip_skip} exceeds the text encoder's {layers} layers"
             )
+        if not self.clip_style:
+            return out.hidden_states[-clip_skip]
         # transformers 5 flattened CLIPTextModel (no .text_model); older versions nest it.
         final_norm = getattr(self.model, "text_model", self.model).final_layer_norm
         return final_norm(out.hidden_states[-clip_skip])
+
+
+def _first_id(tokenizer: PreTrainedTokenizerBase, *names: str) -> int:
+    for name in names:
+        value = getattr(tokenizer, name, None)
+        if value is not None:
+            return int(value)
+    raise InvalidRequestError(f"the tokenizer has none of {', '.join(names)}")

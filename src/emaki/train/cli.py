@@ -18,7 +18,9 @@ def register(sub: argparse._SubParsersAction) -> None:
         ),
     )
     t.add_argument("recipe", type=Path)
-    t.add_argument("--max-steps", type=int, help="stop after this many steps in this call (then resume later)")
+    t.add_argument(
+        "--max-steps", type=int, help="stop after this many steps in this call (then resume later)"
+    )
     t.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
@@ -28,6 +30,8 @@ def run(args: argparse.Namespace) -> int:
 
     recipe = load_recipe(args.recipe)
     result = train(recipe, stop_after=args.max_steps, progress=not args.no_progress)
+    if result.finished and result.model_dir is None:
+        return 0  # another process of a multi-process run: the first one reports
     if result.finished:
         print(f"finished at step {result.step}; model: {result.model_dir}")
     else:

@@ -17,7 +17,14 @@ from PIL import Image
 
 from emaki.data.manifest import Record, read_manifest
 from emaki.errors import EmakiError
-from emaki.train.buckets import Assignment, BucketBatcher, BucketSpec, assign_buckets, fit_and_crop_box, generate_buckets
+from emaki.train.buckets import (
+    Assignment,
+    BucketBatcher,
+    BucketSpec,
+    assign_buckets,
+    fit_and_crop_box,
+    generate_buckets,
+)
 from emaki.train.recipe import DataConfig
 
 
@@ -34,7 +41,9 @@ def load_records(cfg: DataConfig) -> list[Record]:
     return records
 
 
-def make_assignment(records: list[Record], cfg: DataConfig, multiple: int) -> tuple[Assignment, tuple[int, int]]:
+def make_assignment(
+    records: list[Record], cfg: DataConfig, multiple: int
+) -> tuple[Assignment, tuple[int, int]]:
     """Bucket the records (or put them all in one square bucket). Returns the assignment and base size."""
     if cfg.bucketing:
         spec = BucketSpec.scaled(cfg.resolution, multiple=multiple)
@@ -46,7 +55,9 @@ def make_assignment(records: list[Record], cfg: DataConfig, multiple: int) -> tu
     return assign_buckets([(r.width, r.height) for r in records], spec, [base]), base
 
 
-def load_fitted(path: Path, size: tuple[int, int], rng: np.random.Generator | None, flip: bool) -> np.ndarray:
+def load_fitted(
+    path: Path, size: tuple[int, int], rng: np.random.Generator | None, flip: bool
+) -> np.ndarray:
     """An image scaled to cover ``size``, cropped to it, optionally mirrored; uint8 HWC RGB."""
     try:
         with Image.open(path) as im:
@@ -72,13 +83,25 @@ def to_tensor(arrays: list[np.ndarray]) -> torch.Tensor:
 class ImageBatches:
     """Bucketed batches of (record ids, image tensor) from a dataset folder, resumable exactly."""
 
-    def __init__(self, cfg: DataConfig, batch_size: int, seed: int, world_size: int, rank: int, multiple: int = 8):
+    def __init__(
+        self,
+        cfg: DataConfig,
+        batch_size: int,
+        seed: int,
+        world_size: int,
+        rank: int,
+        multiple: int = 8,
+    ):
         self.cfg = cfg
         self.records = load_records(cfg)
         self.seed = seed
         assignment, base = make_assignment(self.records, cfg, multiple)
-        self.dropped = len(assignment.dropped)  # extreme aspect ratios are left out, as NovelAI does
-        self.batcher = BucketBatcher(assignment, batch_size, base, seed=seed, world_size=world_size, rank=rank)
+        self.dropped = len(
+            assignment.dropped
+        )  # extreme aspect ratios are left out, as NovelAI does
+        self.batcher = BucketBatcher(
+            assignment, batch_size, base, seed=seed, world_size=world_size, rank=rank
+        )
         if self.batcher.batches_per_epoch == 0:
             raise TrainDataError(
                 f"{len(self.records)} images are too few for a batch of {batch_size}"
@@ -91,8 +114,15 @@ class ImageBatches:
     def load(self, ids: list[int], size: tuple[int, int]) -> torch.Tensor:
         arrays = []
         for i in ids:
-            rng = np.random.default_rng([self.seed, self.batcher.epoch, i]) if self.cfg.random_crop else None
-            flip = bool(self.cfg.flip and np.random.default_rng([self.seed, self.batcher.epoch, i, 1]).random() < 0.5)
+            rng = (
+                np.random.default_rng([self.seed, self.batcher.epoch, i])
+                if self.cfg.random_crop
+                else None
+            )
+            flip = bool(
+                self.cfg.flip
+                and np.random.default_rng([self.seed, self.batcher.epoch, i, 1]).random() < 0.5
+            )
             arrays.append(load_fitted(Path(self.cfg.path) / self.records[i].file, size, rng, flip))
         return to_tensor(arrays)
 

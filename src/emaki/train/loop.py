@@ -54,7 +54,9 @@ class Task(Protocol):
 
     def next_batch(self) -> Any: ...
 
-    def loss(self, module: torch.nn.Module, batch: Any, generator: torch.Generator) -> torch.Tensor: ...
+    def loss(
+        self, module: torch.nn.Module, batch: Any, generator: torch.Generator
+    ) -> torch.Tensor: ...
 
     def data_state(self) -> dict[str, Any]: ...
 
@@ -93,17 +95,18 @@ class _StopFlag:
 
     def __enter__(self) -> _StopFlag:
         for sig in (signal.SIGINT, signal.SIGTERM):
-            try:
+            with contextlib.suppress(ValueError):  # not the main thread: leave signals alone
                 self._old[sig] = signal.signal(sig, self._handle)
-            except ValueError:  # not the main thread: leave signals alone
-                pass
         return self
 
     def _handle(self, signum: int, frame: Any) -> None:
         if self.requested and signum == signal.SIGINT:
             raise KeyboardInterrupt
         self.requested = True
-        print("\nemaki: stopping after this step (checkpointing); Ctrl-C again to abort", file=sys.stderr)
+        print(
+            "\nemaki: stopping after this step (checkpointing); Ctrl-C again to abort",
+            file=sys.stderr,
+        )
 
     def __exit__(self, *exc: object) -> None:
         for sig, old in self._old.items():
@@ -188,7 +191,11 @@ def train(
         weight_decay=recipe.optim.weight_decay,
     )
     sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(recipe))
-    ema = EMAModel(params, decay=recipe.train.ema_decay, use_ema_warmup=False) if recipe.train.ema_decay else None
+    ema = (
+        EMAModel(params, decay=recipe.train.ema_decay, use_ema_warmup=False)
+        if recipe.train.ema_decay
+        else None
+    )
 
     step = 0
     checkpoints = list_checkpoints(run_dir)
@@ -200,9 +207,14 @@ def train(
         task.load_data_state(ck["meta"]["data"])
         if ema is not None:
             if ck["ema"] is None:
-                raise TrainingError(f"{checkpoints[-1]} has no EMA weights but the recipe asks for EMA")
+                raise TrainingError(
+                    f"{checkpoints[-1]} has no EMA weights but the recipe asks for EMA"
+                )
             ema.load_state_dict(
-                {**ck["meta"]["ema"], "shadow_params": [ck["ema"][f"{i}"] for i in range(len(params))]}
+                {
+                    **ck["meta"]["ema"],
+                    "shadow_params": [ck["ema"][f"{i}"] for i in range(len(params))],
+                }
             )
         step = int(ck["meta"]["step"])
     if acc.is_main_process:
@@ -238,11 +250,19 @@ def train(
         meta = {
             "scheduler": sched.state_dict(),
             "data": task.data_state(),
-            "ema": ({k: v for k, v in ema.state_dict().items() if k != "shadow_params"} if ema else None),
+            "ema": (
+                {k: v for k, v in ema.state_dict().items() if k != "shadow_params"} if ema else None
+            ),
         }
         ema_t = {f"{i}": t for i, t in enumerate(ema.shadow_params)} if ema is not None else None
         save_checkpoint(
-            run_dir, step, unwrapped.state_dict(), opt.state_dict(), meta, ema_t, keep=recipe.checkpoint.keep
+            run_dir,
+            step,
+            unwrapped.state_dict(),
+            opt.state_dict(),
+            meta,
+            ema_t,
+            keep=recipe.checkpoint.keep,
         )
 
     def sample_grid() -> None:
@@ -263,10 +283,9 @@ def train(
                 for micro in range(accum):
                     batch = task.next_batch()
                     gen = step_generator(recipe.train.seed, step, micro, acc.process_index)
-                    last_micro = micro == accum - 1
 
-                    def sync() -> contextlib.AbstractContextManager:
-                        return contextlib.nullcontext() if last_micro else acc.no_sync(module)
+                    def sync(last: bool = micro == accum - 1) -> contextlib.AbstractContextManager:
+                        return contextlib.nullcontext() if last else acc.no_sync(module)
 
                     with sync(), acc.autocast():
                         loss = task.loss(module, batch, gen)
@@ -274,7 +293,11 @@ def train(
                         last = list_checkpoints(run_dir)
                         raise TrainingError(
                             f"loss became {loss.item()} at step {step + 1}; stopped without saving "
-                            + (f"(last good checkpoint: {last[-1]})" if last else "(no checkpoint yet)")
+                            + (
+                                f"(last good checkpoint: {last[-1]})"
+                                if last
+                                else "(no checkpoint yet)"
+                            )
                             + "; lower optim.lr or check the data"
                         )
                     with sync():
@@ -284,7 +307,9 @@ def train(
                 if recipe.optim.grad_clip > 0:
                     norm = acc.clip_grad_norm_(module.parameters(), recipe.optim.grad_clip)
                     if norm is not None and not math.isfinite(float(norm)):
-                        raise TrainingError(f"gradient norm became {float(norm)} at step {step + 1}; stopped without saving")
+                        raise TrainingError(
+                            f"gradient norm became {float(norm)} at step {step + 1}; stopped without saving"
+                        )
                 opt.step()
                 sched.step()
                 opt.zero_grad(set_to_none=True)

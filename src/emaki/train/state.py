@@ -107,7 +107,11 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
     try:
         meta = json.loads((path / "state.json").read_text())
         model = load_file(str(path / "model.safetensors"))
-        ema = load_file(str(path / "ema.safetensors")) if (path / "ema.safetensors").is_file() else None
+        ema = (
+            load_file(str(path / "ema.safetensors"))
+            if (path / "ema.safetensors").is_file()
+            else None
+        )
         opt_tensors = load_file(str(path / "optimizer.safetensors"))
     except (OSError, ValueError) as e:
         raise CheckpointError(f"checkpoint {path} is damaged or incomplete: {e}") from e

@@ -37,7 +37,14 @@ def vae_from_config(cfg: VAEModelConfig) -> AutoencoderKL:
 
 
 def _to_pil(x: torch.Tensor) -> list[Image.Image]:
-    arr = ((x.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+    arr = (
+        ((x.float().clamp(-1, 1) + 1) * 127.5)
+        .round()
+        .to(torch.uint8)
+        .permute(0, 2, 3, 1)
+        .cpu()
+        .numpy()
+    )
     return [Image.fromarray(a) for a in arr]
 
 
@@ -66,7 +73,7 @@ class VAETask:
             multiple=max(8, factor),
         )
         self.device = accelerator.device
-        self._fixed = self.data.records[: 8]
+        self._fixed = self.data.records[:8]
 
     def module(self) -> torch.nn.Module:
         return self.vae
@@ -75,9 +82,13 @@ class VAETask:
         ids, size = self.data.next_ids()
         return self.data.load(ids, size).to(self.device)
 
-    def loss(self, module: torch.nn.Module, x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    def loss(
+        self, module: torch.nn.Module, x: torch.Tensor, generator: torch.Generator
+    ) -> torch.Tensor:
         post = module.encode(x).latent_dist
-        eps = torch.randn(post.mean.shape, generator=generator, dtype=torch.float32).to(post.mean.device, post.mean.dtype)
+        eps = torch.randn(post.mean.shape, generator=generator, dtype=torch.float32).to(
+            post.mean.device, post.mean.dtype
+        )
         z = post.mean + post.std * eps
         rec = module.decode(z).sample.float()
         x = x.float()
@@ -121,7 +132,11 @@ class VAETask:
         with torch.no_grad():
             for start in range(0, n, 32):
                 ids = list(range(start, min(n, start + 32)))
-                latents.append(module.encode(self.data.load(ids, size).to(self.device)).latent_dist.mean.float().cpu())
+                latents.append(
+                    module.encode(self.data.load(ids, size).to(self.device))
+                    .latent_dist.mean.float()
+                    .cpu()
+                )
         std = float(torch.cat(latents).std())
         module.register_to_config(scaling_factor=round(1.0 / std, 5))
 
