@@ -25,7 +25,7 @@ from PIL import Image, ImageOps
 
 from emaki.data.captions import EmojiLexicon, clipart_title, emoji_caption, split_skin_tone
 from emaki.data.fetch import FetchedPackage, fetch_debian, fetch_npm
-from emaki.data.manifest import DATASET_INFO, MANIFEST, Record
+from emaki.data.manifest import DATASET_INFO, MANIFEST, Record, iter_jsonl
 from emaki.data.raster import flatten, iconify_svg, render_svg
 from emaki.data.sources import (
     EMOJI_DATASOURCE,
@@ -147,21 +147,16 @@ def iter_debian_svgs(src: DebianSvgSource, pkg: FetchedPackage, size: int) -> It
 def _read_metadata_jsonl(folder: Path) -> dict[str, str]:
     captions: dict[str, str] = {}
     path = folder / "metadata.jsonl"
-    with path.open(encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-                fname = obj["file_name"]
-            except (ValueError, KeyError, TypeError) as e:
-                raise DataError(f"{path}:{lineno}: needs a JSON object with file_name ({e})") from e
-            text = next(
-                (obj[k] for k in ("text", "caption", "prompt") if isinstance(obj.get(k), str)), None
-            )
-            if text is None:
-                raise DataError(f"{path}:{lineno}: needs a caption in text, caption or prompt")
-            captions[Path(fname).as_posix()] = text
+    for lineno, obj in iter_jsonl(path):
+        fname = obj.get("file_name") if isinstance(obj, dict) else None
+        if not isinstance(fname, str):
+            raise DataError(f"{path}:{lineno}: needs a JSON object with file_name")
+        text = next(
+            (obj[k] for k in ("text", "caption", "prompt") if isinstance(obj.get(k), str)), None
+        )
+        if text is None:
+            raise DataError(f"{path}:{lineno}: needs a caption in text, caption or prompt")
+        captions[Path(fname).as_posix()] = text
     return captions
 
 

@@ -69,6 +69,20 @@ def _cached(dest: Path, name: str, version: str) -> FetchedPackage | None:
     return FetchedPackage(name, version, dest / meta["root"], meta["archive_sha256"])
 
 
+def _cached_or_check(
+    dest: Path, name: str, version: str, label: str, offline: bool
+) -> FetchedPackage | None:
+    """The cached package, or None after checking that downloading is allowed."""
+    hit = _cached(dest, name, version)
+    if hit is None:
+        if offline:
+            raise DataError(
+                f"{label} is not in the cache {dest.parent.parent} and --offline forbids downloading"
+            )
+        dest.parent.mkdir(parents=True, exist_ok=True)
+    return hit
+
+
 def _finish(tmp: Path, dest: Path, root: str, sha: str) -> None:
     (tmp / ".emaki-fetched.json").write_text(json.dumps({"root": root, "archive_sha256": sha}))
     dest.parent.mkdir(parents=True, exist_ok=True)
@@ -80,14 +94,9 @@ def _finish(tmp: Path, dest: Path, root: str, sha: str) -> None:
 def fetch_npm(name: str, version: str, cache: Path, offline: bool = False) -> FetchedPackage:
     """Download (or reuse) ``name@version`` from npm and unpack it; returns its ``package/`` folder."""
     dest = cache / "npm" / f"{_safe_dirname(name)}-{version}"
-    hit = _cached(dest, name, version)
+    hit = _cached_or_check(dest, name, version, f"{name}@{version}", offline)
     if hit is not None:
         return hit
-    if offline:
-        raise DataError(
-            f"{name}@{version} is not in the cache {cache} and --offline forbids downloading"
-        )
-    dest.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=dest.parent) as work:
         workp = Path(work)
         out = _run(
@@ -121,14 +130,9 @@ def fetch_npm(name: str, version: str, cache: Path, offline: bool = False) -> Fe
 def fetch_debian(package: str, version: str, cache: Path, offline: bool = False) -> FetchedPackage:
     """Download (or reuse) a Debian package at an exact version and unpack its files."""
     dest = cache / "debian" / f"{_safe_dirname(package)}-{_safe_dirname(version)}"
-    hit = _cached(dest, package, version)
+    hit = _cached_or_check(dest, package, version, f"{package}={version}", offline)
     if hit is not None:
         return hit
-    if offline:
-        raise DataError(
-            f"{package}={version} is not in the cache {cache} and --offline forbids downloading"
-        )
-    dest.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=dest.parent) as work:
         workp = Path(work)
         _run(["apt-get", "download", f"{package}={version}"], workp, f"Debian package {package}")

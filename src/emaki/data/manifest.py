@@ -9,8 +9,10 @@ evaluation; user images leave it empty.
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
+from typing import Any
 
 from emaki.data.sources import DataError
 
@@ -39,6 +41,18 @@ _FIELDS = {f.name for f in fields(Record)}
 _REQUIRED = {f.name for f in fields(Record) if f.name not in ("name", "style")}
 
 
+def iter_jsonl(path: Path) -> Iterator[tuple[int, Any]]:
+    """``(line number, parsed object)`` for each non-blank line; bad JSON is a one-line error."""
+    with Path(path).open(encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                yield lineno, json.loads(line)
+            except ValueError as e:
+                raise DataError(f"{path}:{lineno}: not valid JSON ({e})") from e
+
+
 def read_manifest(folder: Path) -> list[Record]:
     """Read a dataset's manifest; a missing folder, file or malformed line is a one-line error."""
     path = Path(folder) / MANIFEST
@@ -47,20 +61,11 @@ def read_manifest(folder: Path) -> list[Record]:
             f"{folder} is not an emaki dataset (no {MANIFEST}); build one with emaki data build"
         )
     records: list[Record] = []
-    with path.open(encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except ValueError as e:
-                raise DataError(f"{path}:{lineno}: not valid JSON ({e.msg})") from e
-            if not isinstance(obj, dict) or not obj.keys() >= _REQUIRED:
-                missing = (
-                    sorted(_REQUIRED - set(obj)) if isinstance(obj, dict) else sorted(_REQUIRED)
-                )
-                raise DataError(f"{path}:{lineno}: record lacks {', '.join(missing)}")
-            records.append(Record(**{k: v for k, v in obj.items() if k in _FIELDS}))
+    for lineno, obj in iter_jsonl(path):
+        if not isinstance(obj, dict) or not obj.keys() >= _REQUIRED:
+            missing = sorted(_REQUIRED - set(obj)) if isinstance(obj, dict) else sorted(_REQUIRED)
+            raise DataError(f"{path}:{lineno}: record lacks {', '.join(missing)}")
+        records.append(Record(**{k: v for k, v in obj.items() if k in _FIELDS}))
     return records
 
 
