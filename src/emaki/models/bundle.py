@@ -25,7 +25,7 @@ from typing import Any
 
 import torch
 from diffusers import AutoencoderKL, UNet2DConditionModel
-from transformers import CLIPTextModel, CLIPTokenizer
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from emaki.models.families import ModelFamily, PredictionType, get_family
 
@@ -44,8 +44,8 @@ class ModelBundle:
     family: str
     unet: UNet2DConditionModel
     vae: AutoencoderKL
-    text_encoder: CLIPTextModel
-    tokenizer: CLIPTokenizer
+    text_encoder: PreTrainedModel  # CLIPTextModel for SD; BertModel for emaki's default model
+    tokenizer: PreTrainedTokenizerBase
     alphas_cumprod: torch.Tensor
     prediction_type: PredictionType
     vae_scale_factor: float

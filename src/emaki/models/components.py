@@ -14,7 +14,7 @@ from typing import Any, TypeVar
 
 import torch
 from diffusers import AutoencoderKL, UNet2DConditionModel
-from transformers import CLIPTextConfig, CLIPTextModel
+from transformers import BertConfig, BertModel, CLIPTextConfig, CLIPTextModel, PreTrainedModel
 
 from emaki.errors import ModelLoadError
 from emaki.models.files import one_line
@@ -41,8 +41,14 @@ def empty_vae(config: Mapping[str, Any]) -> AutoencoderKL:
     return _on_meta(lambda: AutoencoderKL.from_config(dict(config)), "VAE", config)
 
 
-def empty_text_encoder(config: Mapping[str, Any]) -> CLIPTextModel:
-    """A CLIPTextModel with ``config`` on the meta device (shapes only)."""
+def empty_text_encoder(config: Mapping[str, Any]) -> PreTrainedModel:
+    """The text encoder of ``config`` on the meta device (shapes only).
+
+    A CLIPTextModel (Stable Diffusion), or a BertModel when ``model_type`` is ``bert`` (emaki's
+    default model conditions on a frozen MiniLM sentence encoder).
+    """
+    if config.get("model_type") == "bert":
+        return _on_meta(lambda: BertModel(BertConfig.from_dict(dict(config))), "text encoder", config)
     return _on_meta(
         lambda: CLIPTextModel(CLIPTextConfig.from_dict(dict(config))), "text encoder", config
     )
@@ -103,8 +109,9 @@ def check_state(
 def _materialize_buffers(model: torch.nn.Module) -> None:
     """Recreate non-persistent buffers, which a state dict does not carry, off the meta device.
 
-    The only one in these networks is CLIP's ``position_ids`` (``arange(max_positions)`` as a
-    ``(1, n)`` row); anything else left on meta would be a library change and is reported.
+    These are ``position_ids`` (CLIP and BERT: ``arange(max_positions)`` as a ``(1, n)`` row) and
+    BERT's ``token_type_ids`` (zeros of the same shape); anything else left on meta would be a
+    library change and is reported.
     """
     for module_name, module in model.named_modules():
         for name, buffer in list(module.named_buffers(recurse=False)):
@@ -113,6 +120,10 @@ def _materialize_buffers(model: torch.nn.Module) -> None:
             if name == "position_ids":
                 module.register_buffer(
                     name, torch.arange(buffer.shape[-1]).expand((1, -1)), persistent=False
+                )
+            elif name == "token_type_ids":
+                module.register_buffer(
+                    name, torch.zeros(buffer.shape, dtype=torch.long), persistent=False
                 )
             else:
                 raise ModelLoadError(f"internal error: buffer {module_name}.{name} was not loaded")

@@ -22,7 +22,13 @@ from typing import Any
 
 import torch
 from diffusers import AutoencoderKL, UNet2DConditionModel
-from transformers import CLIPTextModel, CLIPTokenizer
+from transformers import (
+    BertTokenizerFast,
+    CLIPTextModel,
+    CLIPTokenizer,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
 
 from emaki.errors import EmakiError, ModelLoadError
 from emaki.models.bundle import ModelBundle
@@ -326,8 +332,8 @@ def _bundle(
     *,
     unet: UNet2DConditionModel,
     vae: AutoencoderKL,
-    text: CLIPTextModel,
-    tokenizer: CLIPTokenizer,
+    text: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
     scheduler: dict[str, Any],
     prediction: PredictionType,
     **provenance: Any,
@@ -434,7 +440,7 @@ def _load_folder(
         unet=unet,
         vae=vae,
         text=text,
-        tokenizer=_folder_tokenizer(folder, spec),
+        tokenizer=_folder_tokenizer(folder, spec, text_config.get("model_type", "")),
         scheduler=scheduler,
         prediction=prediction,
         name=folder.name,
@@ -463,6 +469,8 @@ def _folder_network(
         if not any(k.startswith("text_model.") for k in model.state_dict()):
             # transformers >= 5.6 flattened CLIPTextModel; older saves say "text_model.*"
             state = {k.removeprefix("text_model."): v for k, v in state.items()}
+        if "embeddings.position_ids" not in model.state_dict():
+            state = {k: v for k, v in state.items() if k != "embeddings.position_ids"}
     else:
         model = empty_unet(config) if component == "unet" else empty_vae(config)
         state = _component_state(
@@ -540,12 +548,16 @@ def _modern_vae_names(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tens
     return out
 
 
-def _folder_tokenizer(folder: Path, spec: ModelFamily) -> CLIPTokenizer:
-    """The folder's own tokenizer (offline); the shipped one if the folder has none."""
+def _folder_tokenizer(folder: Path, spec: ModelFamily, text_kind: str) -> PreTrainedTokenizerBase:
+    """The folder's own tokenizer (offline); the shipped CLIP one if a CLIP model's folder has none."""
     where = folder / "tokenizer"
     if not where.is_dir():
+        if text_kind == "bert":
+            raise ModelLoadError(f"{folder.name}: no tokenizer/ folder for its BERT text encoder")
         return load_clip_tokenizer(spec.tokenizer_pad)
     try:
+        if text_kind == "bert":
+            return BertTokenizerFast.from_pretrained(str(where), local_files_only=True)
         return CLIPTokenizer.from_pretrained(str(where), local_files_only=True)
     except Exception as exc:  # missing vocab files, malformed JSON
         raise ModelLoadError(f"{folder.name}/tokenizer: cannot load ({one_line(exc)})") from None

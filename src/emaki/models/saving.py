@@ -58,6 +58,11 @@ def bundle_to_compvis(
     bundle: ModelBundle, dtype: torch.dtype | None = None
 ) -> dict[str, torch.Tensor]:
     """The bundle's weights in the CompVis single-file layout (floating tensors cast if ``dtype``)."""
+    if type(bundle.text_encoder).__name__ != "CLIPTextModel":
+        raise ModelSaveError(
+            f"{bundle.name} conditions on a {type(bundle.text_encoder).__name__}; the CompVis "
+            "single-file layout holds CLIP text encoders only: keep it as a diffusers folder"
+        )
     maps = bundle_keymaps(bundle)
     tensors: dict[str, torch.Tensor] = {}
     for name, model in (("unet", bundle.unet), ("vae", bundle.vae), ("text", bundle.text_encoder)):
@@ -148,8 +153,8 @@ def _model_index(bundle: ModelBundle, scheduler_class: str) -> dict[str, Any]:
         "requires_safety_checker": False,
         "safety_checker": [None, None],
         "scheduler": ["diffusers", scheduler_class],
-        "text_encoder": ["transformers", "CLIPTextModel"],
-        "tokenizer": ["transformers", "CLIPTokenizer"],
+        "text_encoder": ["transformers", type(bundle.text_encoder).__name__],
+        "tokenizer": ["transformers", type(bundle.tokenizer).__name__],
         "unet": ["diffusers", "UNet2DConditionModel"],
         "vae": ["diffusers", "AutoencoderKL"],
     }
