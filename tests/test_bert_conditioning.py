@@ -10,7 +10,6 @@ import numpy as np
 import pytest
 import torch
 from diffusers import EulerDiscreteScheduler, StableDiffusionPipeline, UNet2DConditionModel
-from transformers import BertConfig, BertModel, BertTokenizerFast
 
 from emaki.errors import ModelSaveError
 from emaki.models.loading import load_model
@@ -20,20 +19,7 @@ from emaki.pipelines.txt2img import Pipeline
 from emaki.request import GenerationRequest
 from emaki.text.encoder import TextEncoder
 
-WORDS = "a red blue green apple circle face happy sad yellow on the with".split()
-
-
-def tiny_bert(tmp: Path, max_length: int = 16, use_mask: bool = True) -> tuple[BertTokenizerFast, BertModel]:
-    vocab = tmp / "vocab.txt"
-    vocab.write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *WORDS]) + "\n")
-    tok = BertTokenizerFast(vocab_file=str(vocab), do_lower_case=True, model_max_length=max_length)
-    torch.manual_seed(0)
-    cfg = BertConfig(
-        vocab_size=5 + len(WORDS), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-        intermediate_size=64, max_position_embeddings=64,
-    )  # fmt: skip
-    cfg.use_attention_mask = use_mask
-    return tok, BertModel(cfg).eval()
+from train_fixtures import tiny_bert
 
 
 @pytest.fixture(scope="module")
@@ -52,7 +38,11 @@ def test_chunks_use_cls_sep_pad_and_the_tokenizer_length(bert_bundle) -> None:
     (chunk,) = enc.chunks("a red apple")
     tok = bert_bundle.tokenizer
     assert len(chunk) == 16
-    assert chunk[:5] == [tok.cls_token_id, *tok("a red apple", add_special_tokens=False).input_ids, tok.sep_token_id]
+    assert chunk[:5] == [
+        tok.cls_token_id,
+        *tok("a red apple", add_special_tokens=False).input_ids,
+        tok.sep_token_id,
+    ]
     assert chunk[5:] == [tok.pad_token_id] * 11
     # Matches what diffusers feeds the encoder: padding to model_max_length, masked.
     ref = tok("a red apple", padding="max_length", max_length=16, return_tensors="pt")
@@ -69,7 +59,9 @@ def test_folder_round_trip_and_diffusers_agree(bert_bundle, tmp_path: Path) -> N
     loaded = load_model(folder)
     assert type(loaded.text_encoder).__name__ == "BertModel"
     assert type(loaded.tokenizer).__name__.startswith("BertTokenizer")
-    for a, b in zip(loaded.text_encoder.state_dict().values(), bert_bundle.text_encoder.state_dict().values()):
+    for a, b in zip(
+        loaded.text_encoder.state_dict().values(), bert_bundle.text_encoder.state_dict().values()
+    ):
         assert torch.equal(a, b)
 
     req = GenerationRequest(
@@ -78,7 +70,9 @@ def test_folder_round_trip_and_diffusers_agree(bert_bundle, tmp_path: Path) -> N
     )  # fmt: skip
     ours = np.asarray(Pipeline(loaded).generate(req).images[0], dtype=np.int16)
     ref = StableDiffusionPipeline.from_pretrained(folder, safety_checker=None)
-    ref.scheduler = EulerDiscreteScheduler.from_config(ref.scheduler.config, timestep_spacing="linspace")
+    ref.scheduler = EulerDiscreteScheduler.from_config(
+        ref.scheduler.config, timestep_spacing="linspace"
+    )
     ref.set_progress_bar_config(disable=True)
     shape = (1, 4, 8, 8)
     noise = torch.randn(shape[1:], generator=torch.Generator().manual_seed(7))[None]

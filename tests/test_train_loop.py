@@ -7,38 +7,23 @@ import os
 import signal
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 from diffusers import AutoencoderKL
 from PIL import Image
 
 from emaki.cli import main
-from emaki.data.build import build_dataset
 from emaki.train.loop import TrainingError, train
 from emaki.train.recipe import parse_recipe
 from emaki.train.state import list_checkpoints, load_checkpoint
 from emaki.train.tasks import VAETask
 
+from train_fixtures import shapes_dataset
+
 
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """Twelve small captioned images of coloured shapes, in two aspect ratios."""
-    root = tmp_path_factory.mktemp("train-data")
-    src = root / "src"
-    src.mkdir()
-    rng = np.random.default_rng(0)
-    for i in range(12):
-        w, h = (32, 32) if i % 3 else (48, 32)
-        arr = np.full((h, w, 3), 255, np.uint8)
-        c = rng.integers(0, 255, 3)
-        y0, x0 = rng.integers(0, h // 2), rng.integers(0, w // 2)
-        arr[y0 : y0 + h // 2, x0 : x0 + w // 2] = c
-        Image.fromarray(arr).save(src / f"{i:02d}.png")
-        (src / f"{i:02d}.txt").write_text(f"shape {i}")
-    out = root / "ds"
-    build_dataset(out, [], [src], size=64)
-    return out
+    return shapes_dataset(tmp_path_factory.mktemp("train-data"))
 
 
 def _recipe(dataset: Path, out: Path, **over: object) -> str:

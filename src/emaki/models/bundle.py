@@ -77,3 +77,50 @@ class ModelBundle:
     def dtype(self) -> torch.dtype:
         """Floating dtype of the UNet's weights."""
         return self.unet.dtype
+
+
+def bundle_from_networks(
+    family: str,
+    *,
+    unet: UNet2DConditionModel,
+    vae: AutoencoderKL,
+    text_encoder: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    scheduler_config: Mapping[str, Any],
+    name: str,
+) -> ModelBundle:
+    """An in-memory bundle (no source file) from networks: tiny test models, models in training.
+
+    The prediction type comes from ``scheduler_config``; the hash is taken over the weights.
+    """
+    from types import MappingProxyType
+
+    from emaki.models.families import (
+        alphas_cumprod_from_scheduler_config,
+        normalize_prediction_type,
+    )
+    from emaki.models.files import tensors_hash
+
+    spec = get_family(family)
+    scheduler = dict(scheduler_config)
+    tensors = {
+        f"{part}.{key}": value
+        for part, model in (("unet", unet), ("vae", vae), ("text", text_encoder))
+        for key, value in model.state_dict().items()
+    }
+    return ModelBundle(
+        family=spec.name,
+        unet=unet,
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        alphas_cumprod=alphas_cumprod_from_scheduler_config(scheduler),
+        prediction_type=normalize_prediction_type(scheduler.get("prediction_type", "epsilon")),
+        vae_scale_factor=float(vae.config.scaling_factor),
+        name=name,
+        hash=tensors_hash(tensors),
+        source=None,
+        scheduler_config=MappingProxyType(scheduler),
+        clip_skip_default=spec.clip_skip_default,
+        text_layers_skipped=spec.text_layers_skipped,
+    )

@@ -48,7 +48,9 @@ def empty_text_encoder(config: Mapping[str, Any]) -> PreTrainedModel:
     default model conditions on a frozen MiniLM sentence encoder).
     """
     if config.get("model_type") == "bert":
-        return _on_meta(lambda: BertModel(BertConfig.from_dict(dict(config))), "text encoder", config)
+        return _on_meta(
+            lambda: BertModel(BertConfig.from_dict(dict(config))), "text encoder", config
+        )
     return _on_meta(
         lambda: CLIPTextModel(CLIPTextConfig.from_dict(dict(config))), "text encoder", config
     )

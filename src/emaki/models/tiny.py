@@ -8,22 +8,18 @@ caller's random state is left untouched.
 
 from __future__ import annotations
 
-from types import MappingProxyType
-
 import torch
 from diffusers import AutoencoderKL, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel
 
-from emaki.models.bundle import ModelBundle
+from emaki.models.bundle import ModelBundle, bundle_from_networks
 from emaki.models.families import (
     TinyConfigs,
-    alphas_cumprod_from_scheduler_config,
     config_dict,
     get_family,
     normalize_prediction_type,
     tiny_configs,
 )
-from emaki.models.files import tensors_hash
 from emaki.text.tokenizer import load_clip_tokenizer
 
 
@@ -49,24 +45,12 @@ def make_tiny_bundle(
         vae = AutoencoderKL.from_config(configs.vae).eval()
         text = CLIPTextModel(CLIPTextConfig.from_dict(configs.text_encoder)).eval()
     scheduler = {**config_dict(spec.scheduler_config), "prediction_type": prediction}
-    tensors = {
-        f"{part}.{key}": value
-        for part, model in (("unet", unet), ("vae", vae), ("text", text))
-        for key, value in model.state_dict().items()
-    }
-    return ModelBundle(
-        family=spec.name,
+    return bundle_from_networks(
+        spec.name,
         unet=unet,
         vae=vae,
         text_encoder=text,
         tokenizer=load_clip_tokenizer(spec.tokenizer_pad),
-        alphas_cumprod=alphas_cumprod_from_scheduler_config(scheduler),
-        prediction_type=prediction,
-        vae_scale_factor=float(vae.config.scaling_factor),
+        scheduler_config=scheduler,
         name=f"tiny-{spec.name}-seed{seed}",
-        hash=tensors_hash(tensors),
-        source=None,
-        scheduler_config=MappingProxyType(scheduler),
-        clip_skip_default=spec.clip_skip_default,
-        text_layers_skipped=spec.text_layers_skipped,
     )

@@ -126,6 +126,15 @@ class ImageBatches:
             arrays.append(load_fitted(Path(self.cfg.path) / self.records[i].file, size, rng, flip))
         return to_tensor(arrays)
 
+    def load_fixed(self, ids: list[int], size: tuple[int, int]) -> torch.Tensor:
+        """The images centre-cropped and unmirrored (what latent caching encodes)."""
+        return to_tensor(
+            [
+                load_fitted(Path(self.cfg.path) / self.records[i].file, size, None, False)
+                for i in ids
+            ]
+        )
+
     def state_dict(self) -> dict[str, Any]:
         return self.batcher.state_dict()
 

