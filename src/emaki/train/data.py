@@ -8,6 +8,7 @@ is exact) or centred. The catch-all batches of NovelAI's algorithm are served at
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -91,9 +92,14 @@ class ImageBatches:
         world_size: int,
         rank: int,
         multiple: int = 8,
+        keep: Callable[[Record], bool] | None = None,
     ):
         self.cfg = cfg
         self.records = load_records(cfg)
+        if keep is not None:
+            self.records = [r for r in self.records if keep(r)]
+            if not self.records:
+                raise TrainDataError(f"no records of {cfg.path} are left for training")
         self.seed = seed
         assignment, base = make_assignment(self.records, cfg, multiple)
         self.dropped = len(

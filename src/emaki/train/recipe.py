@@ -102,13 +102,25 @@ class UNetModelConfig:
 
 @dataclass
 class TextModelConfig:
+    """A CLIP-style pair trained contrastively: an image tower and a text tower.
+
+    ``text_encoder = "clip"`` trains a small CLIP text model from scratch with the real CLIP
+    tokenizer; ``"minilm"`` keeps the pretrained MiniLM frozen and trains only a projection on its
+    pooled states (LiT, Zhai et al. 2022). Either way the image tower is trained from scratch.
+    ``holdout_style`` leaves one style out of training so that retrieval can be measured on
+    drawings the model never saw.
+    """
+
+    text_encoder: Literal["clip", "minilm"] = "clip"
     hidden_size: int = 256
     num_layers: int = 4
     num_heads: int = 4
     intermediate_size: int = 1024
+    max_tokens: int = 32
     projection_dim: int = 256
     image_channels: list[int] = field(default_factory=lambda: [32, 64, 128, 256])
     temperature: float = 0.07
+    holdout_style: str = ""
 
 
 MODEL_CONFIGS = {"vae": VAEModelConfig, "unet": UNetModelConfig, "text": TextModelConfig}

@@ -23,6 +23,10 @@ def make_task(recipe: Recipe, accelerator: Any) -> Any:
         return VAETask(recipe, accelerator)
     if recipe.kind == "unet":
         return UNetTask(recipe, accelerator)
+    if recipe.kind == "text":
+        from emaki.train.contrastive import ContrastiveTask
+
+        return ContrastiveTask(recipe, accelerator)
     raise NotImplementedError(f"recipe kind {recipe.kind!r} is not trainable yet")
 
 

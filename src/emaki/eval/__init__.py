@@ -1,0 +1,1 @@
+"""Measuring models: prompt adherence and image statistics against real images."""
