@@ -15,6 +15,7 @@ from pathlib import Path
 from emaki import __version__
 from emaki.data import cli as data_cli
 from emaki.errors import EmakiError
+from emaki.eval import cli as eval_cli
 from emaki.train import cli as train_cli
 
 DEFAULT_OUT = Path("outputs")
@@ -88,6 +89,7 @@ def build_parser() -> argparse.ArgumentParser:
     tiny.add_argument("--seed", type=int, default=0)
     data_cli.register(sub)
     train_cli.register(sub)
+    eval_cli.register(sub)
     return parser
 
 
@@ -227,6 +229,7 @@ COMMANDS = {
     "make-tiny-model": cmd_make_tiny_model,
     "data": data_cli.run,
     "train": train_cli.run,
+    "eval": eval_cli.run,
 }
 
 

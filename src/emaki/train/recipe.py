@@ -123,15 +123,35 @@ class TextModelConfig:
     holdout_style: str = ""
 
 
-MODEL_CONFIGS = {"vae": VAEModelConfig, "unet": UNetModelConfig, "text": TextModelConfig}
+@dataclass
+class ClassifierModelConfig:
+    """The evaluator: a classifier over identities (emoji names), trained on real images only.
+
+    Identities need images in at least ``min_styles`` training styles; ``holdout_style`` is left
+    out of training to measure accuracy on real drawings the classifier never saw.
+    """
+
+    image_channels: list[int] = field(default_factory=lambda: [32, 64, 128, 256])
+    feature_dim: int = 256
+    holdout_style: str = ""
+    min_styles: int = 3
+    label_smoothing: float = 0.1
+
+
+MODEL_CONFIGS = {
+    "vae": VAEModelConfig,
+    "unet": UNetModelConfig,
+    "text": TextModelConfig,
+    "classifier": ClassifierModelConfig,
+}
 
 
 @dataclass
 class Recipe:
-    kind: Literal["vae", "unet", "text"]
+    kind: Literal["vae", "unet", "text", "classifier"]
     output: Path
     data: DataConfig
-    model: VAEModelConfig | UNetModelConfig | TextModelConfig
+    model: VAEModelConfig | UNetModelConfig | TextModelConfig | ClassifierModelConfig
     train: TrainConfig = field(default_factory=TrainConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)

@@ -27,6 +27,10 @@ def make_task(recipe: Recipe, accelerator: Any) -> Any:
         from emaki.train.contrastive import ContrastiveTask
 
         return ContrastiveTask(recipe, accelerator)
+    if recipe.kind == "classifier":
+        from emaki.eval.evaluator import ClassifierTask
+
+        return ClassifierTask(recipe, accelerator)
     raise NotImplementedError(f"recipe kind {recipe.kind!r} is not trainable yet")
 
 
