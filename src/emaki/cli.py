@@ -133,9 +133,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
     }
     request = replace(request, **overrides)
     if args.model is None:
-        raise EmakiError(
-            "no model given: pass --model PATH (a diffusers folder or a .safetensors checkpoint)"
-        )
+        from emaki.models.default import default_model_path
+
+        args.model = default_model_path()
     pipe = load_pipeline(
         args.model,
         prediction_type=args.prediction_type,

@@ -79,6 +79,7 @@ from emaki.models.keymap import (
     vae_key_to_compvis,
     vae_keymap,
 )
+from emaki.models.provided import provided_weight_file
 from emaki.text.tokenizer import load_clip_tokenizer
 
 #: DDPM buffers that CompVis' LatentDiffusion saves with the weights; emaki recomputes them.
@@ -465,7 +466,14 @@ def _folder_network(
     where = f"{folder.name}/{component}"
     if component == "text_encoder":
         model = empty_text_encoder(config)
-        state = _component_state(folder, component, ("model", "pytorch_model"), allow_pickle, used)
+        provided = provided_weight_file(folder / component)
+        if provided is not None:
+            used.append((f"{component}/{provided.name}", provided))
+            state = read_safetensors(provided)[0]
+        else:
+            state = _component_state(
+                folder, component, ("model", "pytorch_model"), allow_pickle, used
+            )
         if not any(k.startswith("text_model.") for k in model.state_dict()):
             # transformers >= 5.6 flattened CLIPTextModel; older saves say "text_model.*"
             state = {k.removeprefix("text_model."): v for k, v in state.items()}
