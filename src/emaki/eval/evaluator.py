@@ -134,6 +134,21 @@ class ClassifierTask:
         return atomic_write_folder(Path(dest), write, overwrite=True)
 
 
+def zoom_crops(x: torch.Tensor, rng: np.random.Generator, smallest: float = 0.8) -> torch.Tensor:
+    """Each image cropped to a random square of ``smallest``..1 of its side, resized back."""
+    n, _, h, w = x.shape
+    out = torch.empty_like(x)
+    for i in range(n):
+        s = rng.uniform(smallest, 1.0)
+        ch, cw = max(1, round(h * s)), max(1, round(w * s))
+        top, left = int(rng.integers(0, h - ch + 1)), int(rng.integers(0, w - cw + 1))
+        crop = x[i : i + 1, :, top : top + ch, left : left + cw]
+        out[i] = F.interpolate(
+            crop, size=(h, w), mode="bilinear", align_corners=False, antialias=True
+        )[0]
+    return out
+
+
 class Evaluator:
     """A trained classifier with its class names; scores images against named identities."""
 

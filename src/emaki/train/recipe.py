@@ -136,6 +136,9 @@ class ClassifierModelConfig:
     holdout_style: str = ""
     min_styles: int = 3
     label_smoothing: float = 0.1
+    augment: bool = (
+        True  # random zoom-crops (80-100% of the side), so it is not tied to exact framing
+    )
 
 
 MODEL_CONFIGS = {
