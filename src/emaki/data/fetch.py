@@ -9,7 +9,6 @@ cached (``--offline`` refuses to download at all).
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -20,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from emaki.data.sources import DataError
+from emaki.models.files import sha256_file
 
 
 @dataclass(frozen=True)
@@ -34,14 +34,6 @@ class FetchedPackage:
 
 def _safe_dirname(name: str) -> str:
     return name.replace("@", "").replace("/", "-").replace(":", "_")
-
-
-def _sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _run(cmd: list[str], cwd: Path, what: str) -> str:
@@ -115,7 +107,7 @@ def fetch_npm(name: str, version: str, cache: Path, offline: bool = False) -> Fe
             archive = tarballs[0]
         if archive is None:
             raise DataError(f"npm pack did not write a tarball for {name}@{version}")
-        sha = _sha256_file(archive)
+        sha = sha256_file(archive)
         unpacked = workp / "unpacked"
         unpacked.mkdir()
         try:
@@ -139,7 +131,7 @@ def fetch_debian(package: str, version: str, cache: Path, offline: bool = False)
         debs = list(workp.glob("*.deb"))
         if len(debs) != 1:
             raise DataError(f"apt-get download did not write one .deb for {package}")
-        sha = _sha256_file(debs[0])
+        sha = sha256_file(debs[0])
         unpacked = workp / "unpacked"
         _run(["dpkg-deb", "-x", str(debs[0]), str(unpacked)], workp, f"Debian package {package}")
         _finish(unpacked, dest, ".", sha)

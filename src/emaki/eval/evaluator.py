@@ -25,7 +25,7 @@ from emaki.data.manifest import Record, read_manifest
 from emaki.errors import EmakiError
 from emaki.models.files import atomic_write_folder
 from emaki.train.contrastive import ImageTower
-from emaki.train.data import ImageBatches, to_tensor
+from emaki.train.data import BatchesTask, to_tensor
 from emaki.train.recipe import ClassifierModelConfig, Recipe
 
 
@@ -56,7 +56,7 @@ def identity_classes(records: list[Record], holdout_style: str, min_styles: int)
     return sorted(n for n, s in styles.items() if len(s) >= min_styles)
 
 
-class ClassifierTask:
+class ClassifierTask(BatchesTask):
     def __init__(self, recipe: Recipe, accelerator: Any) -> None:
         assert isinstance(recipe.model, ClassifierModelConfig)
         self.recipe = recipe
@@ -69,10 +69,11 @@ class ClassifierTask:
                 f"fewer than 2 identities appear in {cfg.min_styles} training styles; lower model.min_styles"
             )
         self.index = {n: i for i, n in enumerate(self.classes)}
-        self.data = ImageBatches(
-            recipe.data, recipe.train.batch_size, recipe.train.seed, accelerator.num_processes,
-            accelerator.process_index, keep=lambda r: r.name in self.index and r.style != cfg.holdout_style,
-        )  # fmt: skip
+        self.data = self.batches(
+            recipe,
+            accelerator,
+            keep=lambda r: r.name in self.index and r.style != cfg.holdout_style,
+        )
         torch.manual_seed(recipe.train.seed)
         self.net = Classifier(cfg.image_channels, cfg.feature_dim, len(self.classes))
 
@@ -92,15 +93,6 @@ class ClassifierTask:
     ) -> torch.Tensor:
         logits = module(batch["images"]).float()
         return F.cross_entropy(logits, batch["labels"], label_smoothing=self.cfg.label_smoothing)
-
-    def data_state(self) -> dict[str, Any]:
-        return self.data.state_dict()
-
-    def load_data_state(self, state: dict[str, Any]) -> None:
-        self.data.load_state_dict(state)
-
-    def samples(self, module: torch.nn.Module) -> tuple[list[Image.Image], list[str]]:
-        return [], []
 
     def export(self, module: torch.nn.Module, dest: Path) -> Path:
         module.eval()

