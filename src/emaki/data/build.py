@@ -135,13 +135,21 @@ def iter_debian_svgs(src: DebianSvgSource, pkg: FetchedPackage, size: int) -> It
                 path.read_text(encoding="utf-8", errors="replace"), size
             ),
             origin=f"{src.package}:{rel_in_pkg}",
-            caption=f"{title}, {src.style}",
+            caption=", ".join([title, *_categories(path, pkg.root), src.style]),
             source=src.key,
             license=src.license,
             attribution=src.attribution,
             name=title,
             style=src.style,
         )
+
+
+def _categories(path: Path, root: Path) -> list[str]:
+    """The folders between a package's ``svg/`` folder and the file: Open Clip Art's categories."""
+    parts = list(path.relative_to(root).parent.parts)
+    if "svg" in parts:
+        parts = parts[parts.index("svg") + 1 :]
+    return [p.replace("_", " ").replace("-", " ") for p in parts]
 
 
 def _read_metadata_jsonl(folder: Path) -> dict[str, str]:

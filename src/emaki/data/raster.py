@@ -81,6 +81,8 @@ def render_svg(
             )
     else:
         raise DataError("could not render SVG: " + "; ".join(errors))
+    if img.size != (width, height):  # renderers may round the other side differently
+        img = img.resize((width, height), Image.Resampling.LANCZOS)
     return flatten(img, background)
 
 
