@@ -95,3 +95,18 @@ def test_generate_uses_the_default_model(
     capsys.readouterr()
     assert main(["generate", "a red apple", "--out", str(tmp_path)]) == 2
     assert "pass --model PATH" in capsys.readouterr().err
+
+
+def test_package_default_is_fp16_small_and_generates_like_the_original(
+    full_folder: Path, tmp_path: Path
+) -> None:
+    from safetensors import safe_open
+
+    from emaki.models.default import package_default
+
+    dst = package_default(full_folder, tmp_path / "default_model")
+    with safe_open(str(dst / "unet" / "diffusion_pytorch_model.safetensors"), "pt") as f:
+        assert f.get_tensor(next(iter(f.keys()))).dtype == torch.float16
+    assert not (dst / "text_encoder" / "model.safetensors").exists()
+    a, b = _image(dst).astype(int), _image(full_folder).astype(int)
+    assert np.abs(a - b).mean() < 2.0  # fp16 UNet/VAE: close, not identical

