@@ -175,6 +175,8 @@ def train(
     _check_same_recipe(run_dir, recipe)
     if recipe.train.threads:
         torch.set_num_threads(recipe.train.threads)
+    if accelerator is None:
+        _allow_new_precision(recipe.train.mixed_precision)
     acc = accelerator or Accelerator(
         mixed_precision=recipe.train.mixed_precision, cpu=not torch.cuda.is_available()
     )
@@ -358,6 +360,18 @@ def train(
             with _ema_weights(ema, unwrapped):
                 model_dir = task.export(unwrapped, run_dir / "model")
     return TrainResult(run_dir, step, finished, model_dir, last_loss)
+
+
+def _allow_new_precision(wanted: str) -> None:
+    """accelerate keeps one precision per process; let a later run in the same process choose another.
+
+    Only the accelerator-level state is reset (never the process/distributed state), and only when
+    it was set with a different precision, as when a program trains several recipes in turn.
+    """
+    from accelerate.state import AcceleratorState
+
+    if AcceleratorState._shared_state and AcceleratorState().mixed_precision != wanted:
+        AcceleratorState._reset_state(reset_partial_state=False)
 
 
 def _batch_len(batch: Any) -> int:
