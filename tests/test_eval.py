@@ -185,3 +185,31 @@ def test_identity_prompts_are_fixed_and_use_name_words() -> None:
     assert all(
         p == t[0].replace("-", " ") or p == t[0].rsplit("-", 1)[0].replace("-", " ") for p, t in a
     )
+
+
+def test_model_card_is_written_from_the_records(styled_dataset: Path, tmp_path: Path) -> None:
+    from emaki.eval.card import model_card, run_summary
+
+    ds = tmp_path / "ds"
+    ds.mkdir()
+    (ds / "dataset.json").write_text(json.dumps({
+        "images": 48, "size": 32, "skin_tones": "one", "duplicates_removed": 0,
+        "sources": [{"key": "t", "package": "@x/t", "version": "1", "license": "MIT", "images": 48, "attribution": "T"}],
+    }))  # fmt: skip
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "recipe.toml").write_text('kind = "vae"\n')
+    # Two parts of a resumed run: 100 s, then a new clock reaching 50 s.
+    (run / "log.csv").write_text(
+        "step,loss,lr,items_per_s,elapsed_s\n10,0.5,1e-4,1,40\n20,0.4,1e-4,1,100\n30,0.3,1e-4,1,20\n40,0.2,1e-4,1,50\n"
+    )
+    s = run_summary(run)
+    assert s["steps"] == 40 and s["hours"] == round(150 / 3600, 2) and s["last_loss"] == 0.2
+    card = model_card(
+        title="T", dataset=ds, runs={"vae": run}, eval_json=None, text_choice="MiniLM because."
+    )
+    assert (
+        "| t | @x/t | 1 | MIT | 48 | T |" in card
+        and "MiniLM because." in card
+        and 'kind = "vae"' in card
+    )
