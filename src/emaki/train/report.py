@@ -76,8 +76,10 @@ def loss_curve_png(
             xx, _ = px(s, y0)
             d.text((xx - 10, h - bottom + 6), f"{int(s)}", fill="black", font=font)
         d.line([px(s, v) for s, v in zip(xs, ty)], fill=(170, 200, 235), width=1)
-        d.line([px(s, v) for s, v in zip(xs, smooth(ty))], fill=(20, 60, 160), width=2)
-        d.text((w - right - 90, h - 16), "step", fill="black", font=font)
+        # Smooth over about a tenth of the points, so short and long runs both read well.
+        alpha = min(0.5, max(0.01, 10 / len(ty)))
+        d.line([px(s, v) for s, v in zip(xs, smooth(ty, alpha))], fill=(20, 60, 160), width=2)
+        d.text((w - right - 40, 6), "step", fill="black", font=font)
     else:
         d.text((left, h // 2), "not enough points yet", fill="black", font=font)
     _save_png(img, path)
