@@ -247,7 +247,7 @@ class UNetTask(BatchesTask):
             raise RecipeError(
                 f"model.vae = {str(cfg.vae)!r} is not a VAE folder (train one with a vae recipe)"
             )
-        self.vae = AutoencoderKL.from_pretrained(str(cfg.vae)).eval().requires_grad_(False)
+        self.vae = AutoencoderKL.from_pretrained(str(cfg.vae)).eval().requires_grad_(False).to(self.device)
         self.vae_factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
         self.tokenizer, self.text_encoder = load_text_conditioner(cfg.text_encoder)
         self.text_encoder.requires_grad_(False)
@@ -314,7 +314,7 @@ class UNetTask(BatchesTask):
             "\n".join(f"{r.file}:{r.sha256}" for r in self.data.records).encode()
         ).hexdigest()
         vae_sha = hashlib.sha256(
-            b"".join(t.numpy().tobytes() for t in self.vae.state_dict().values())
+            b"".join(t.cpu().numpy().tobytes() for t in self.vae.state_dict().values())
         ).hexdigest()
         path = self._cache_file(
             "latents", vae_sha, manifest, self.recipe.data.resolution, self.recipe.data.bucketing
