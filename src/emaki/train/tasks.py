@@ -247,7 +247,9 @@ class UNetTask(BatchesTask):
             raise RecipeError(
                 f"model.vae = {str(cfg.vae)!r} is not a VAE folder (train one with a vae recipe)"
             )
-        self.vae = AutoencoderKL.from_pretrained(str(cfg.vae)).eval().requires_grad_(False).to(self.device)
+        self.vae = (
+            AutoencoderKL.from_pretrained(str(cfg.vae)).eval().requires_grad_(False).to(self.device)
+        )
         self.vae_factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
         self.tokenizer, self.text_encoder = load_text_conditioner(cfg.text_encoder)
         self.text_encoder.requires_grad_(False)
