@@ -274,7 +274,8 @@ def train(
         with _ema_weights(ema, unwrapped), torch.no_grad():
             images, labels = task.samples(unwrapped)
         if images:
-            save_grid(images, labels, run_dir / "samples" / f"step-{step:08d}.png")
+            cols = getattr(task, "grid_cols", None)
+            save_grid(images, labels, run_dir / "samples" / f"step-{step:08d}.png", cols=cols)
 
     finished = False
     with _StopFlag() as stop:

@@ -108,6 +108,8 @@ class VAETask(BatchesTask):
             loss = loss + self.cfg.edge_weight * edge
         return loss
 
+    grid_cols = 8  # originals in the first row, their reconstructions under them
+
     def samples(self, module: torch.nn.Module) -> tuple[list[Image.Image], list[str]]:
         """Originals (top) and reconstructions (bottom) of the first 8 images, at the base size."""
         size = (self.recipe.data.resolution, self.recipe.data.resolution)
