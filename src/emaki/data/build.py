@@ -15,7 +15,6 @@ import hashlib
 import io
 import json
 import os
-import warnings
 from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -34,6 +33,8 @@ from emaki.data.sources import (
     DebianSvgSource,
     IconSet,
 )
+from emaki.errors import EmakiError
+from emaki.imageio import read_image
 from emaki.models.files import atomic_write_folder
 
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
@@ -169,13 +170,9 @@ def _read_metadata_jsonl(folder: Path) -> dict[str, str]:
 
 
 def load_user_image(path: Path, max_side: int) -> Image.Image:
-    """Open a user image safely: decompression bombs refused, EXIF orientation applied, RGB out."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("error", Image.DecompressionBombWarning)
-        with Image.open(path) as im:
-            im.load()
-            img = ImageOps.exif_transpose(im)
-    img = flatten(img)
+    """Open a user image safely (:func:`emaki.imageio.read_image`: fully decoded, decompression
+    bombs refused), EXIF orientation applied, RGB out."""
+    img = flatten(ImageOps.exif_transpose(read_image(path)))
     if max(img.size) > max_side:
         scale = max_side / max(img.size)
         img = img.resize(
@@ -294,8 +291,7 @@ def build_dataset(
                 OSError,
                 ValueError,
                 SyntaxError,
-                DataError,
-                Image.DecompressionBombWarning,
+                EmakiError,
                 Image.DecompressionBombError,
             ) as e:
                 report.skipped.append(

@@ -69,6 +69,7 @@ class ClassifierTask(BatchesTask):
                 f"fewer than 2 identities appear in {cfg.min_styles} training styles; lower model.min_styles"
             )
         self.index = {n: i for i, n in enumerate(self.classes)}
+        self.held = [r for r in records if r.style == cfg.holdout_style and r.name in self.index]
         self.data = self.batches(
             recipe,
             accelerator,
@@ -97,14 +98,13 @@ class ClassifierTask(BatchesTask):
     def export(self, module: torch.nn.Module, dest: Path) -> Path:
         module.eval()
         evaluator = Evaluator(module, self.classes, self.recipe.data.resolution)  # type: ignore[arg-type]
-        records = read_manifest(self.recipe.data.path)
-        held = [r for r in records if r.style == self.cfg.holdout_style and r.name in self.index]
+        held = self.held
         scores: dict[str, Any] = {
             "classes": len(self.classes),
             "holdout_style": self.cfg.holdout_style,
         }
         if held:
-            images = [Image.open(Path(self.recipe.data.path) / r.file) for r in held]
+            images = load_real_images(self.recipe.data.path, held)
             top1, top5 = evaluator.accuracy(images, [[r.name] for r in held])
             scores.update({"holdout_images": len(held), "holdout_top1": top1, "holdout_top5": top5})
 

@@ -192,12 +192,14 @@ class ContrastiveTask(BatchesTask):
         pair.eval()
         vocab = caption_vocabulary([r.caption for r in self.data.records])
         para = paraphrases()
-        scores = {
-            "all_paraphrases": retrieval_scores(pair, self.recipe, para),
-            "unseen_word_paraphrases": retrieval_scores(
-                pair, self.recipe, [p for p in para if unseen(p["prompt"], vocab)]
-            ),
-        }
+        scores = retrieval_scores(
+            pair,
+            self.recipe,
+            {
+                "all_paraphrases": para,
+                "unseen_word_paraphrases": [p for p in para if unseen(p["prompt"], vocab)],
+            },
+        )
 
         def write(tmp: Path) -> None:
             save_file(
@@ -215,35 +217,32 @@ class ContrastiveTask(BatchesTask):
         return atomic_write_folder(Path(dest), write, overwrite=True)
 
 
-def _identity_prompt(name: str) -> str:
-    return name_words(name)
-
-
 @torch.no_grad()
 def retrieval_scores(
-    pair: ContrastivePair, recipe: Recipe, paraphrases: list[dict] | None = None
-) -> dict[str, Any]:
-    """Zero-shot identity retrieval on the held-out style, and paraphrase retrieval.
+    pair: ContrastivePair, recipe: Recipe, paraphrase_sets: dict[str, list[dict]]
+) -> dict[str, dict[str, Any]]:
+    """Zero-shot identity retrieval on the held-out style, and retrieval of each paraphrase set.
 
     Held-out: each held-out image is ranked against the plain names of all identities it could
     be (those of the held-out set); top-1 / top-5 accuracy. Paraphrases: each paraphrase prompt is
     ranked against the same identity names' mean image embeddings; a hit if a target identity is
-    in the top 5.
+    in the top 5. The held-out images are embedded once; each set's entry repeats the held-out
+    figures next to its own.
     """
-    from emaki.data.manifest import read_manifest
-    from emaki.train.data import load_fitted, to_tensor
+    from emaki.train.data import load_fitted, load_records, to_tensor
 
     cfg: TextModelConfig = recipe.model  # type: ignore[assignment]
-    all_records = read_manifest(recipe.data.path)
-    if recipe.data.limit:
-        all_records = all_records[: recipe.data.limit]
-    held = [r for r in all_records if cfg.holdout_style and r.style == cfg.holdout_style and r.name]
-    out: dict[str, Any] = {"holdout_style": cfg.holdout_style, "holdout_images": len(held)}
+    held = [
+        r
+        for r in load_records(recipe.data)
+        if cfg.holdout_style and r.style == cfg.holdout_style and r.name
+    ]
+    base: dict[str, Any] = {"holdout_style": cfg.holdout_style, "holdout_images": len(held)}
     if not held:
-        return out
+        return {key: dict(base) for key in paraphrase_sets}
     names = sorted({r.name for r in held})
     index = {n: i for i, n in enumerate(names)}
-    txt = pair.embed_texts([_identity_prompt(n) for n in names])
+    txt = pair.embed_texts([name_words(n) for n in names])
     res = (recipe.data.resolution, recipe.data.resolution)
     dev = next(pair.parameters()).device
     img_chunks = []
@@ -257,13 +256,15 @@ def retrieval_scores(
     sims = imgs @ txt.cpu().t()
     target = torch.tensor([index[r.name] for r in held])
     top5 = sims.topk(min(5, len(names)), dim=1).indices
-    out["identities"] = len(names)
-    out["top1"] = float((top5[:, 0] == target).float().mean())
-    out["top5"] = float((top5 == target[:, None]).any(1).float().mean())
-    if paraphrases:
-        protos = torch.zeros(len(names), imgs.shape[1])
-        protos.index_add_(0, target, imgs)
-        protos = F.normalize(protos, dim=-1)
+    base["identities"] = len(names)
+    base["top1"] = float((top5[:, 0] == target).float().mean())
+    base["top5"] = float((top5 == target[:, None]).any(1).float().mean())
+    protos = torch.zeros(len(names), imgs.shape[1])
+    protos.index_add_(0, target, imgs)
+    protos = F.normalize(protos, dim=-1)
+    out: dict[str, dict[str, Any]] = {}
+    for key, paraphrases in paraphrase_sets.items():
+        entry = dict(base)
         usable = [p for p in paraphrases if any(t in index for t in p["targets"])]
         if usable:
             ptxt = pair.embed_texts([p["prompt"] for p in usable]).cpu()
@@ -272,6 +273,7 @@ def retrieval_scores(
                 any(names[j] in p["targets"] for j in ranks[k].tolist())
                 for k, p in enumerate(usable)
             ]
-            out["paraphrases"] = len(usable)
-            out["paraphrase_top5"] = sum(hits) / len(hits)
+            entry["paraphrases"] = len(usable)
+            entry["paraphrase_top5"] = sum(hits) / len(hits)
+        out[key] = entry
     return out

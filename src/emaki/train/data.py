@@ -102,9 +102,6 @@ class ImageBatches:
                 raise TrainDataError(f"no records of {cfg.path} are left for training")
         self.seed = seed
         assignment, base = make_assignment(self.records, cfg, multiple)
-        self.dropped = len(
-            assignment.dropped
-        )  # extreme aspect ratios are left out, as NovelAI does
         self.batcher = BucketBatcher(
             assignment, batch_size, base, seed=seed, world_size=world_size, rank=rank
         )
@@ -117,29 +114,21 @@ class ImageBatches:
     def next_ids(self) -> tuple[list[int], tuple[int, int]]:
         return self.batcher.next_batch()
 
-    def load(self, ids: list[int], size: tuple[int, int]) -> torch.Tensor:
+    def load(self, ids: list[int], size: tuple[int, int], augment: bool = True) -> torch.Tensor:
+        """The images fitted to ``size``: randomly cropped and mirrored as the recipe asks (seeded
+        by seed, epoch and image), or centre-cropped and unmirrored without ``augment`` (what
+        latent caching encodes)."""
         arrays = []
         for i in ids:
-            rng = (
-                np.random.default_rng([self.seed, self.batcher.epoch, i])
-                if self.cfg.random_crop
-                else None
-            )
+            crop = augment and self.cfg.random_crop
+            rng = np.random.default_rng([self.seed, self.batcher.epoch, i]) if crop else None
             flip = bool(
-                self.cfg.flip
+                augment
+                and self.cfg.flip
                 and np.random.default_rng([self.seed, self.batcher.epoch, i, 1]).random() < 0.5
             )
             arrays.append(load_fitted(Path(self.cfg.path) / self.records[i].file, size, rng, flip))
         return to_tensor(arrays)
-
-    def load_fixed(self, ids: list[int], size: tuple[int, int]) -> torch.Tensor:
-        """The images centre-cropped and unmirrored (what latent caching encodes)."""
-        return to_tensor(
-            [
-                load_fitted(Path(self.cfg.path) / self.records[i].file, size, None, False)
-                for i in ids
-            ]
-        )
 
     def state_dict(self) -> dict[str, Any]:
         return self.batcher.state_dict()

@@ -244,8 +244,11 @@ def train(
     t0 = time.perf_counter()
     items_since = 0
     last_loss = float("nan")
+    saved_step = step  # the newest checkpoint's step (the one resumed from, if any)
 
     def checkpoint() -> None:
+        nonlocal saved_step
+        saved_step = step
         if not acc.is_main_process:
             return
         unwrapped = acc.unwrap_model(module)
@@ -277,7 +280,6 @@ def train(
             cols = getattr(task, "grid_cols", None)
             save_grid(images, labels, run_dir / "samples" / f"step-{step:08d}.png", cols=cols)
 
-    finished = False
     with _StopFlag() as stop:
         try:
             while step < end and not stop.requested:
@@ -348,18 +350,17 @@ def train(
         finally:
             bar.close()
         # Reached only without an exception: checkpoint where we stopped (end, limit or signal).
-        if not list_checkpoints(run_dir) or int(list_checkpoints(run_dir)[-1].name[5:]) != step:
+        if saved_step != step or (not checkpoints and step == 0):
             checkpoint()
     acc.wait_for_everyone()
     model_dir = None
-    if step >= total:
-        finished = True
-        if acc.is_main_process:
-            if recipe.log.sample_every and step % recipe.log.sample_every != 0:
-                sample_grid()
-            unwrapped = acc.unwrap_model(module)
-            with _ema_weights(ema, unwrapped):
-                model_dir = task.export(unwrapped, run_dir / "model")
+    finished = step >= total
+    if finished and acc.is_main_process:
+        if recipe.log.sample_every and step % recipe.log.sample_every != 0:
+            sample_grid()
+        unwrapped = acc.unwrap_model(module)
+        with _ema_weights(ema, unwrapped):
+            model_dir = task.export(unwrapped, run_dir / "model")
     return TrainResult(run_dir, step, finished, model_dir, last_loss)
 
 

@@ -327,7 +327,7 @@ class UNetTask(BatchesTask):
             stored = load_file(str(path))
             for key, t in stored.items():
                 i, w, h = (int(x) for x in key.split("_"))
-                self._latents[(i, w, h)] = (t[0].float(), t[1].float())
+                self._latents[(i, w, h)] = (t[0], t[1])
             return
         from tqdm import tqdm
 
@@ -342,18 +342,19 @@ class UNetTask(BatchesTask):
                     self._encode_latents(chunk, size)
                     bar.update(len(chunk))
         tensors = {
-            f"{i}_{w}_{h}": torch.stack([m, s]).to(torch.float16)
-            for (i, w, h), (m, s) in self._latents.items()
+            f"{i}_{w}_{h}": torch.stack([m, s]) for (i, w, h), (m, s) in self._latents.items()
         }
         path.parent.mkdir(parents=True, exist_ok=True)
         atomic_write_file(path, lambda tmp: save_file(tensors, str(tmp)), overwrite=True)
 
     @torch.no_grad()
     def _encode_latents(self, ids: list[int], size: tuple[int, int]) -> None:
-        x = self.data.load_fixed(ids, size).to(self.device)
+        x = self.data.load(ids, size, augment=False).to(self.device)
         post = self.vae.encode(x).latent_dist
+        # Kept in fp16, as the cache file stores them, so that a run that computed its latents
+        # and a resumed run that read them back from the cache see the same numbers.
         for j, i in enumerate(ids):
-            self._latents[(i, *size)] = (post.mean[j].float().cpu(), post.std[j].float().cpu())
+            self._latents[(i, *size)] = (post.mean[j].cpu().half(), post.std[j].cpu().half())
 
     # the Task protocol ----------------------------------------------------------------------------
 
@@ -366,8 +367,8 @@ class UNetTask(BatchesTask):
             missing = [i for i in ids if (i, *size) not in self._latents]
             if missing:  # catch-all batches at the base size
                 self._encode_latents(missing, size)
-            mean = torch.stack([self._latents[(i, *size)][0] for i in ids])
-            std = torch.stack([self._latents[(i, *size)][1] for i in ids])
+            mean = torch.stack([self._latents[(i, *size)][0] for i in ids]).float()
+            std = torch.stack([self._latents[(i, *size)][1] for i in ids]).float()
         else:
             with torch.no_grad():
                 post = self.vae.encode(self.data.load(ids, size).to(self.device)).latent_dist
