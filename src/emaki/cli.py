@@ -11,12 +11,18 @@ import json
 import sys
 from dataclasses import replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from emaki import __version__
 from emaki.data import cli as data_cli
 from emaki.errors import EmakiError
 from emaki.eval import cli as eval_cli
+from emaki.models import cli as models_cli
+from emaki.prompts import cli as prompt_cli
 from emaki.train import cli as train_cli
+
+if TYPE_CHECKING:
+    from emaki.request import GenerationRequest
 
 DEFAULT_OUT = Path("outputs")
 
@@ -36,6 +42,7 @@ REQUEST_FLAGS = {
     "eta": "eta",
     "cfg_rescale": "guidance_rescale",
     "precision": "precision",
+    "emphasis": "emphasis",
 }
 
 
@@ -61,6 +68,22 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--eta", type=float, help="noise multiplier of ancestral/DDIM samplers")
     gen.add_argument("--cfg-rescale", type=float, help="guidance rescale phi in [0, 1]")
     gen.add_argument("--precision", choices=["fp32", "bf16"], help="compute precision")
+    gen.add_argument(
+        "--emphasis",
+        choices=["Original", "No norm", "Ignore", "None"],
+        help="how (word:1.2) weights apply (A1111's modes; default Original)",
+    )
+    gen.add_argument(
+        "--style", action="append", default=[], help="apply a style from the styles file"
+    )
+    gen.add_argument(
+        "--styles-file",
+        type=Path,
+        help="A1111-format styles.csv (default: beside the models folder)",
+    )
+    gen.add_argument(
+        "--models-dir", type=Path, help="models folder for <lora:...>, <hypernet:...>, embeddings"
+    )
     gen.add_argument("--out", type=Path, default=DEFAULT_OUT, help="output folder")
     gen.add_argument("--from", dest="from_image", type=Path, help="re-create from an image")
 
@@ -90,6 +113,8 @@ def build_parser() -> argparse.ArgumentParser:
     data_cli.register(sub)
     train_cli.register(sub)
     eval_cli.register(sub)
+    models_cli.register(sub)
+    prompt_cli.register(sub)
     return parser
 
 
@@ -132,6 +157,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
         if getattr(args, flag) is not None
     }
     request = replace(request, **overrides)
+    if args.style:
+        request = _with_styles(request, args)
     if args.model is None:
         from emaki.models.default import default_model_path
 
@@ -141,6 +168,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         prediction_type=args.prediction_type,
         vae_path=args.vae,
         allow_pickle=args.allow_pickle,
+        models=args.models_dir,
     )
     request = pipe.resolve(request).request  # validates and fixes the seed before work starts
     print(f"seed: {request.seed}", file=sys.stderr)
@@ -153,6 +181,23 @@ def cmd_generate(args: argparse.Namespace) -> int:
         path = save_png(image, args.out, filename_stem(seed, request.prompt), text)
         print(path)
     return 0
+
+
+def _with_styles(request: GenerationRequest, args: argparse.Namespace) -> GenerationRequest:
+    """The request with the named styles applied to its prompts (A1111's style merge)."""
+    from emaki.models.library import models_root
+    from emaki.prompts.styles import apply_styles, load_styles
+
+    path = args.styles_file or (args.models_dir or models_root()).parent / "styles.csv"
+    styles = load_styles(path)
+    missing = [name for name in args.style if name not in styles]
+    if missing:
+        known = ", ".join(sorted(styles)) or "none"
+        raise EmakiError(f"no style {missing[0]!r} in {path} (it has: {known})")
+    prompt, negative = apply_styles(
+        request.prompt, request.negative_prompt, [styles[n] for n in args.style]
+    )
+    return replace(request, prompt=prompt, negative_prompt=negative)
 
 
 def cmd_info(args: argparse.Namespace) -> int:
@@ -230,6 +275,9 @@ COMMANDS = {
     "data": data_cli.run,
     "train": train_cli.run,
     "eval": eval_cli.run,
+    "merge": models_cli.run_merge,
+    "models": models_cli.run_models,
+    "prompt": prompt_cli.run,
 }
 
 

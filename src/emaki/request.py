@@ -16,6 +16,7 @@ from emaki.errors import InvalidRequestError
 
 Precision = Literal["fp32", "bf16"]
 
+EMPHASIS_MODES = ("Original", "No norm", "Ignore", "None")
 MAX_SEED = 2**32 - 1
 MAX_STEPS = 1000
 MAX_SIDE = 8192
@@ -46,6 +47,7 @@ class GenerationRequest:
     eta: float | None = None
     sampler_options: dict[str, Any] = field(default_factory=dict)
     precision: Precision = "fp32"
+    emphasis: str = "Original"
 
     def with_seed(self) -> GenerationRequest:
         """This request with a concrete seed (a random one drawn if ``seed == -1``)."""
@@ -80,6 +82,10 @@ class GenerationRequest:
             )
         if self.eta is not None and not 0.0 <= self.eta <= 10.0:
             raise InvalidRequestError(f"eta must be in [0, 10], got {self.eta}")
+        if self.emphasis not in EMPHASIS_MODES:
+            raise InvalidRequestError(
+                f"emphasis must be one of {', '.join(EMPHASIS_MODES)}, got {self.emphasis!r}"
+            )
         if self.precision not in ("fp32", "bf16"):
             raise InvalidRequestError(f"precision must be fp32 or bf16, got {self.precision!r}")
 
@@ -133,4 +139,5 @@ def request_from_params(
         guidance_rescale=num("CFG rescale", float, 0.0),
         eta=num("Eta", float, None),
         precision=precision,  # type: ignore[arg-type]
+        emphasis=params.get("Emphasis", "Original"),
     )

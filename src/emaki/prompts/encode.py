@@ -1,0 +1,125 @@
+"""Prompts to scheduled conditioning: the stage between the prompt grammar and the sampler.
+
+A prompt (after its extra-network tags are taken out) is split into composable ``AND`` parts;
+each part, and the negative prompt, gets its prompt-editing schedule (:mod:`emaki.prompts.
+grammar`); every distinct text of all those schedules is chunked and encoded exactly once
+(texts with the same chunk count share one text-encoder call), then the schedules point at the
+encoded states. During sampling :class:`ScheduledGuidance` hands classifier-free guidance the
+conditioning of the current step, so editing and alternation cost no extra encoder passes.
+
+Step semantics follow A1111: at sampling step ``i`` (0-based) a schedule entry ``(end, text)`` is
+used when ``i <= end`` and no earlier entry qualifies, so ``[a:b:0.25]`` at 100 steps uses ``a``
+for steps 0-25. The step advances when the sampler reports a finished step (its callback), so
+every model evaluation inside one step (Heun's correction, DPM2's midpoint) sees that step's
+conditioning. (A1111 counts denoiser calls instead, so its two-evaluation samplers switch
+prompts after half the intended steps; emaki does not reproduce that accident.)
+
+The negative prompt supports editing and alternation but not ``AND`` (as in A1111, where the
+word is then plain text).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from torch import Tensor
+
+from emaki.conditioning import Conditioning
+from emaki.prompts.grammar import parse_emphasis, prompt_schedule, split_composable
+from emaki.sampling.guidance import CFGDenoiser, GuidedCond
+from emaki.sampling.types import StepInfo
+from emaki.text.encoder import TextEncoder, TokenChunks
+
+
+@dataclass(frozen=True)
+class ScheduledCond:
+    """One prompt's conditioning over the sampling steps: ``(end step, conditioning)`` entries."""
+
+    ends: tuple[int, ...]
+    conds: tuple[Conditioning, ...]
+
+    def index_at(self, step: int) -> int:
+        """Index of the entry used at 0-based sampling step ``step``."""
+        for i, end in enumerate(self.ends):
+            if step <= end:
+                return i
+        return len(self.ends) - 1
+
+
+@dataclass(frozen=True)
+class PromptConds:
+    """Everything guidance needs for a job: weighted positive parts and the negative, scheduled."""
+
+    parts: tuple[tuple[float, ScheduledCond], ...]
+    negative: ScheduledCond
+
+    def at(self, step: int) -> GuidedCond:
+        """The guidance conditioning of sampling step ``step`` (the same object while it holds)."""
+        key = (*(s.index_at(step) for _, s in self.parts), self.negative.index_at(step))
+        cache = self.__dict__.setdefault("_at", {})  # frozen: cache outside the fields
+        if key not in cache:
+            conds = [(w, s.conds[i]) for (w, s), i in zip(self.parts, key, strict=False)]
+            (weight, first), *more = conds
+            cache[key] = GuidedCond(first, self.negative.conds[key[-1]], weight, tuple(more))
+        return cache[key]
+
+
+@dataclass(frozen=True)
+class EncodedPrompt:
+    """The encoded prompts of a job with what infotext and ``emaki prompt`` report."""
+
+    conds: PromptConds
+    tokens: dict[str, TokenChunks]  #: every distinct scheduled text and its chunks
+    embeddings: tuple[str, ...]  #: textual-inversion embeddings used, in order of first use
+
+
+def encode_prompts(
+    encoder: TextEncoder,
+    prompt: str,
+    negative: str,
+    steps: int,
+    *,
+    clip_skip: int = 1,
+    emphasis: str = "Original",
+) -> EncodedPrompt:
+    """Encode a prompt (without extra-network tags) and a negative prompt for ``steps`` steps."""
+    parts = [(w, prompt_schedule(text, steps)) for text, w in split_composable(prompt)]
+    negative_schedule = prompt_schedule(negative, steps)
+    texts = list(dict.fromkeys(t for _, s in parts for _, t in s))
+    texts += [t for t in dict.fromkeys(t for _, t in negative_schedule) if t not in texts]
+    tokens = {t: encoder.tokenize_weighted(_pieces(t, emphasis)) for t in texts}
+    encoded = dict(
+        zip(texts, encoder.encode_weighted([tokens[t] for t in texts], clip_skip, emphasis))
+    )
+
+    def scheduled(schedule: Sequence[tuple[int, str]]) -> ScheduledCond:
+        return ScheduledCond(tuple(e for e, _ in schedule), tuple(encoded[t] for _, t in schedule))
+
+    conds = PromptConds(tuple((w, scheduled(s)) for w, s in parts), scheduled(negative_schedule))
+    used = tuple(dict.fromkeys(n for t in texts for n in tokens[t].embeddings))
+    return EncodedPrompt(conds, tokens, used)
+
+
+def _pieces(text: str, emphasis: str) -> list[tuple[str, float]]:
+    """Weighted pieces of a text; the "None" mode reads brackets as plain text (A1111)."""
+    return [(text, 1.0)] if emphasis == "None" else parse_emphasis(text)
+
+
+class ScheduledGuidance:
+    """CFG whose conditioning follows the prompt schedule, one step at a time.
+
+    Use as the sampler's denoiser with ``cond=`` a :class:`PromptConds`, and pass
+    :meth:`on_step` as (or inside) the sampler's step callback.
+    """
+
+    def __init__(self, cfg: CFGDenoiser) -> None:
+        self.cfg = cfg
+        self.step = 0
+
+    def __call__(self, x: Tensor, sigma: Tensor, cond: PromptConds) -> Tensor:
+        return self.cfg(x, sigma, cond.at(self.step))
+
+    def on_step(self, info: StepInfo) -> None:
+        """Advance to the step after the one the sampler just finished."""
+        self.step = info.i + 1
