@@ -331,3 +331,27 @@ def test_prompt_command_shows_schedule_and_tokens(bundle, tmp_path, capsys) -> N
     n = len(TextEncoder(bundle.tokenizer, bundle.text_encoder).tokenize("a cat red"))
     assert f"[{n}/75 tokens]" in out
     assert "'red' x1.2" in out
+
+
+def test_vae_per_request_from_the_models_folder(bundle, tmp_path) -> None:
+    from dataclasses import replace
+
+    from emaki.models.saving import bundle_to_compvis
+
+    donor = make_tiny_bundle("sd1", seed=99)
+    (tmp_path / "vae").mkdir()
+    vae_file = tmp_path / "vae" / "crisp.safetensors"
+    vae_state = {k: v for k, v in bundle_to_compvis(donor).items() if k.startswith("first_stage")}
+    save_file(vae_state, str(vae_file))
+    pipe = Pipeline(bundle, models=tmp_path)
+    req = GenerationRequest(prompt="a cat", seed=4, steps=3, vae="crisp")
+    got = pipe.generate(req)
+    want = Pipeline(replace(bundle, vae=donor.vae)).generate(replace(req, vae=None))
+    assert np.array_equal(_pixels(got.images[0]), _pixels(want.images[0]))
+    params = parse_infotext(got.infotexts[0]).params
+    assert params["VAE"] == "crisp" and len(params["VAE hash"]) == 10
+    base = pipe.generate(replace(req, vae=None))
+    assert not np.array_equal(_pixels(base.images[0]), _pixels(got.images[0]))
+    assert "VAE" not in parse_infotext(base.infotexts[0]).params
+    with pytest.raises(EmakiError, match="crisp"):
+        pipe.generate(replace(req, vae="crips"))

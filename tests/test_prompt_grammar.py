@@ -20,6 +20,7 @@ from emaki.prompts import (
     ExtraNetworkCall,
     ParsedPrompt,
     extract_extra_networks,
+    grammar,
     novelai_to_a1111,
     parse_emphasis,
     parse_prompt,
@@ -559,3 +560,30 @@ def test_property_schedule_never_raises_on_unicode() -> None:
         assert prompt_schedule(text, 4)[-1][0] == 4
     assert prompt_schedule("[a:b:1e400]", 10) == [(10, "a")]  # A1111: OverflowError
     assert prompt_schedule("[a:b:-1e400]", 10) == [(10, "b")]
+
+
+def test_property_comma_pieces_parse_like_the_whole_prompt() -> None:
+    """Long prompts are parsed piece by piece (between top-level commas); the result must be
+    exactly lark's parse of the whole prompt: on model-built pieces joined by commas, and on
+    bracket soup with commas (unbalanced, stray '|', trailing backslashes, failures)."""
+    rng = random.Random(31)
+    for i in range(300):
+        steps = rng.choice([1, 3, 8, 20])
+        if i % 2:
+            model = Model(steps)
+            prompt = ", ".join(model.build(rng)[0] for _ in range(rng.randint(2, 4)))
+        else:
+            prompt = ",".join(soup(rng, rng.randint(0, 8)) for _ in range(rng.randint(2, 4)))
+        whole = grammar._schedule_whole(prompt, steps)
+        expected = list(whole) if whole is not None else [(steps, prompt)]
+        assert prompt_schedule(prompt, steps) == expected, prompt
+
+
+def test_long_prompt_schedules_fast() -> None:
+    import time
+
+    text = "a [cat:dog:0.3] face, (sun:1.2), [heart|star] shape, plain words here, " * 20
+    start = time.perf_counter()
+    schedule = prompt_schedule(text, 20)
+    assert time.perf_counter() - start < 2.0
+    assert schedule[0][1].count("a cat face") == 20 and schedule[-1][1].count("a dog face") == 20

@@ -48,6 +48,7 @@ class GenerationRequest:
     sampler_options: dict[str, Any] = field(default_factory=dict)
     precision: Precision = "fp32"
     emphasis: str = "Original"
+    vae: str | None = None  #: a VAE from the models folder's vae/ for this request
 
     def with_seed(self) -> GenerationRequest:
         """This request with a concrete seed (a random one drawn if ``seed == -1``)."""

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -54,12 +54,14 @@ class Adapters:
 
     loras: tuple[tuple[Any, float, float], ...] = ()  #: (LoraFile, text mult, unet mult)
     hypernetworks: tuple[tuple[Any, float], ...] = ()  #: (Hypernetwork, mult)
+    vae: Path | None = None  #: a VAE file that replaces the model's for this request
 
     @property
     def key(self) -> tuple[Any, ...]:
         return (
             tuple((f.hash, te, un) for f, te, un in self.loras),
             tuple((h.hash, m) for h, m in self.hypernetworks),
+            str(self.vae) if self.vae is not None else None,
         )
 
 
@@ -130,6 +132,11 @@ class Pipeline:
         prompt, calls = extract_extra_networks(strip_comments(request.prompt))
         negative = strip_comments(request.negative_prompt)
         adapters = self.adapters(calls)
+        if request.vae:
+            from emaki.models.library import find_model
+
+            vae = find_model("vae", request.vae, self.models).path
+            adapters = replace(adapters, vae=vae)
         return Resolved(
             request, sampler, schedule, width, height, options, prompt, negative, adapters
         )
@@ -165,13 +172,23 @@ class Pipeline:
     def adapted(self, r: Resolved) -> tuple[ModelBundle, TextEncoder]:
         """Step 2: the job's model: the shared one, or a clone with the prompt's adapters."""
         key = r.adapters.key
-        if key == ((), ()):
+        if key == ((), (), None):
             return self.bundle, self._text_encoder(self.bundle)
         if key not in self._adapted:
             from emaki.adapters.hypernetwork import apply_hypernetworks
             from emaki.adapters.lora import apply_loras
 
-            bundle = apply_loras(self.bundle, r.adapters.loras)
+            bundle = self.bundle
+            if r.adapters.vae is not None:
+                from emaki.models.loading import load_vae_file
+
+                vae, name, short = load_vae_file(
+                    r.adapters.vae, bundle.spec, allow_pickle=self.allow_pickle,
+                    dtype=bundle.vae.dtype,
+                )  # fmt: skip
+                vae = vae.to(bundle.vae.device).eval()
+                bundle = replace(bundle, vae=vae, vae_name=name, vae_hash=short)
+            bundle = apply_loras(bundle, r.adapters.loras)
             bundle = apply_hypernetworks(bundle, r.adapters.hypernetworks)
             while len(self._adapted) >= 2:  # keep the last two adapter sets
                 self._adapted.pop(next(iter(self._adapted)))
@@ -265,13 +282,19 @@ class Pipeline:
             images.extend(to_pil(pixels))
             seeds.extend(batch_seeds)
         # Step 8: infotext for each image.
-        infotexts = [self.infotext(r, seed, encoded) for seed in seeds]
+        infotexts = [self.infotext(r, seed, encoded, bundle) for seed in seeds]
         return GenerationResult(images, infotexts, seeds, req)
 
-    def infotext(self, r: Resolved, seed: int, encoded: EncodedPrompt | None = None) -> str:
-        """A1111-format parameters for one image of the job."""
+    def infotext(
+        self,
+        r: Resolved,
+        seed: int,
+        encoded: EncodedPrompt | None = None,
+        bundle: ModelBundle | None = None,
+    ) -> str:
+        """A1111-format parameters for one image of the job (``bundle``: the job's model)."""
         req = r.request
-        b = self.bundle
+        b = bundle or self.bundle
         ti = encoded.embeddings if encoded is not None else ()
         library = self._embeddings if ti else None
         params: dict[str, object] = {
@@ -283,6 +306,8 @@ class Pipeline:
             "Size": f"{r.width}x{r.height}",
             "Model hash": b.hash,
             "Model": b.name,
+            "VAE hash": b.vae_hash,
+            "VAE": b.vae_name,
             "Clip skip": req.clip_skip if req.clip_skip > 1 else None,
             "Eta": r.options.get("eta"),
             "CFG rescale": req.guidance_rescale or None,

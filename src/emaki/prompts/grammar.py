@@ -279,14 +279,73 @@ def prompt_schedule(text: str, steps: int) -> list[tuple[int, str]]:
 
     Follows A1111's ``get_learned_conditioning_prompt_schedules`` (first pass, new scheduling); see
     the module docstring, stage 4. A text that does not parse is used unchanged for all steps.
+
+    lark's Earley parser takes time that grows much faster than the prompt's length (about 15 s
+    for 1,300 characters with a dozen brackets), so long prompts are not parsed whole: no item of
+    the grammar can span a comma outside all brackets (a bracket opened before it would have to
+    close after it, leaving a stray closing bracket inside a group, which the grammar forbids), so
+    the prompt is cut at those commas, each piece with a ``[`` is parsed on its own (and cached),
+    and the pieces' schedules are merged. A piece without ``[``, ``|`` or a backslash always parses
+    to itself unchanged. Unbalanced prompts are parsed whole, as before. The tests check the result against
+    the whole-prompt parse.
     """
     steps = _check_steps(steps)
+    if "[" not in text:
+        return [(steps, text)]
+    pieces = _top_level_pieces(text)
+    if pieces is None or len(pieces) == 1:
+        return list(_schedule_whole(text, steps) or [(steps, text)])
+    schedules = []
+    for piece in pieces:
+        plain = not any(c in piece for c in "[|\\")  # then it always parses, unchanged
+        schedule = ((steps, piece),) if plain else _schedule_whole(piece, steps)
+        if schedule is None:  # the whole prompt would not parse either
+            return [(steps, text)]
+        schedules.append(schedule)
+    ends = sorted({end for schedule in schedules for end, _ in schedule})
+    return [(end, "".join(_text_at(schedule, end) for schedule in schedules)) for end in ends]
+
+
+def _text_at(schedule: tuple[tuple[int, str], ...], step: int) -> str:
+    return next(t for end, t in schedule if step <= end)
+
+
+def _top_level_pieces(text: str) -> list[str] | None:
+    """``text`` cut after each comma outside all brackets; None if its brackets do not balance."""
+    pieces: list[str] = []
+    depth = 0
+    start = 0
+    i = 0
+    while i < len(text):
+        ch = text[i]
+        if ch == "\\":
+            i += 2
+            continue
+        if ch in "([":
+            depth += 1
+        elif ch in ")]":
+            depth -= 1
+            if depth < 0:
+                return None
+        elif ch == "," and depth == 0:
+            pieces.append(text[start : i + 1])
+            start = i + 1
+        i += 1
+    if depth != 0:
+        return None
+    pieces.append(text[start:])
+    return [p for p in pieces if p]
+
+
+@functools.lru_cache(maxsize=4096)
+def _schedule_whole(text: str, steps: int) -> tuple[tuple[int, str], ...] | None:
+    """The lark parse of the whole text; None if it does not parse."""
     try:
         tree = _schedule_parser().parse(text)
         ends, whens = _switch_steps(tree, steps)
-        return [(end, "".join(_pieces_at(tree, end, whens))) for end in ends]
+        return tuple((end, "".join(_pieces_at(tree, end, whens))) for end in ends)
     except (lark.exceptions.LarkError, RecursionError):
-        return [(steps, text)]
+        return None
 
 
 # -------------------------------------------------------------------------------------- emphasis
