@@ -9,83 +9,23 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from dataclasses import replace
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from emaki import __version__
 from emaki.data import cli as data_cli
 from emaki.errors import EmakiError
 from emaki.eval import cli as eval_cli
 from emaki.models import cli as models_cli
+from emaki.pipelines import cli as generate_cli
+from emaki.pipelines.cli import add_model_args as _add_model_args  # noqa: F401 (used by helpers)
 from emaki.prompts import cli as prompt_cli
 from emaki.train import cli as train_cli
-
-if TYPE_CHECKING:
-    from emaki.request import GenerationRequest
-
-DEFAULT_OUT = Path("outputs")
-
-#: CLI flag -> GenerationRequest field, for flags that override a request.
-REQUEST_FLAGS = {
-    "negative": "negative_prompt",
-    "sampler": "sampler",
-    "schedule": "schedule",
-    "steps": "steps",
-    "cfg": "cfg_scale",
-    "seed": "seed",
-    "width": "width",
-    "height": "height",
-    "batch_size": "batch_size",
-    "n_iter": "n_iter",
-    "clip_skip": "clip_skip",
-    "eta": "eta",
-    "cfg_rescale": "guidance_rescale",
-    "precision": "precision",
-    "emphasis": "emphasis",
-}
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="emaki", description="Offline text-to-image diffusion.")
     parser.add_argument("--version", action="version", version=f"emaki {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
-
-    gen = sub.add_parser("generate", help="generate images from a prompt (txt2img)")
-    gen.add_argument("prompt", nargs="?", help="the prompt (optional with --from)")
-    gen.add_argument("--negative", help="negative prompt")
-    _add_model_args(gen)
-    gen.add_argument("--sampler", help="sampler name, e.g. 'DPM++ 2M', 'Euler a' (see: samplers)")
-    gen.add_argument("--schedule", help="sigma schedule: automatic, karras, exponential, ...")
-    gen.add_argument("--steps", type=int, help="sampling steps (default 20)")
-    gen.add_argument("--cfg", type=float, help="classifier-free guidance scale (default 7)")
-    gen.add_argument("--seed", type=int, help="seed; -1 (default) draws a random one")
-    gen.add_argument("--width", type=int, help="width in pixels, a multiple of 8")
-    gen.add_argument("--height", type=int, help="height in pixels, a multiple of 8")
-    gen.add_argument("--batch-size", type=int, help="images per model call (default 1)")
-    gen.add_argument("--n-iter", type=int, help="number of batches (default 1)")
-    gen.add_argument("--clip-skip", type=int, help="skip the last N-1 text-encoder layers")
-    gen.add_argument("--eta", type=float, help="noise multiplier of ancestral/DDIM samplers")
-    gen.add_argument("--cfg-rescale", type=float, help="guidance rescale phi in [0, 1]")
-    gen.add_argument("--precision", choices=["fp32", "bf16"], help="compute precision")
-    gen.add_argument(
-        "--emphasis",
-        choices=["Original", "No norm", "Ignore", "None"],
-        help="how (word:1.2) weights apply (A1111's modes; default Original)",
-    )
-    gen.add_argument(
-        "--style", action="append", default=[], help="apply a style from the styles file"
-    )
-    gen.add_argument(
-        "--styles-file",
-        type=Path,
-        help="A1111-format styles.csv (default: beside the models folder)",
-    )
-    gen.add_argument(
-        "--models-dir", type=Path, help="models folder for <lora:...>, <hypernet:...>, embeddings"
-    )
-    gen.add_argument("--out", type=Path, default=DEFAULT_OUT, help="output folder")
-    gen.add_argument("--from", dest="from_image", type=Path, help="re-create from an image")
 
     info = sub.add_parser("info", help="print the generation parameters stored in an image")
     info.add_argument("image", type=Path)
@@ -110,94 +50,13 @@ def build_parser() -> argparse.ArgumentParser:
     tiny.add_argument("--family", choices=["sd1", "sd2"], default="sd1")
     tiny.add_argument("--format", choices=["diffusers", "single-file"], default="diffusers")
     tiny.add_argument("--seed", type=int, default=0)
+    generate_cli.register(sub)
     data_cli.register(sub)
     train_cli.register(sub)
     eval_cli.register(sub)
     models_cli.register(sub)
     prompt_cli.register(sub)
     return parser
-
-
-def _add_model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", type=Path, help="diffusers folder or .safetensors checkpoint")
-    p.add_argument("--vae", type=Path, help="a VAE file that overrides the model's")
-    p.add_argument(
-        "--prediction-type",
-        choices=["epsilon", "v_prediction", "sample"],
-        help="the model's parameterisation when the file can't tell (SD 2.x 768-v: v_prediction)",
-    )
-    p.add_argument(
-        "--allow-pickle",
-        action="store_true",
-        help="allow .ckpt/.pt/.bin files (loaded with torch.load(weights_only=True))",
-    )
-
-
-def cmd_generate(args: argparse.Namespace) -> int:
-    from tqdm import tqdm
-
-    from emaki.imageio import filename_stem, read_infotext, save_png
-    from emaki.pipelines.txt2img import load_pipeline
-    from emaki.request import GenerationRequest, request_from_params
-
-    if args.from_image is not None:
-        info = read_infotext(args.from_image)
-        if info is None:
-            raise EmakiError(f"{args.from_image} carries no generation parameters")
-        request = request_from_params(info.prompt, info.negative_prompt, info.params)
-        if args.prompt is not None:
-            request = replace(request, prompt=args.prompt)
-    elif args.prompt is None:
-        raise EmakiError('no prompt given: emaki generate "a prompt" (or --from IMAGE)')
-    else:
-        request = GenerationRequest(prompt=args.prompt)
-    overrides = {
-        f: getattr(args, flag)
-        for flag, f in REQUEST_FLAGS.items()
-        if getattr(args, flag) is not None
-    }
-    request = replace(request, **overrides)
-    if args.style:
-        request = _with_styles(request, args)
-    if args.model is None:
-        from emaki.models.default import default_model_path
-
-        args.model = default_model_path()
-    pipe = load_pipeline(
-        args.model,
-        prediction_type=args.prediction_type,
-        vae_path=args.vae,
-        allow_pickle=args.allow_pickle,
-        models=args.models_dir,
-    )
-    request = pipe.resolve(request).request  # validates and fixes the seed before work starts
-    print(f"seed: {request.seed}", file=sys.stderr)
-    bar = tqdm(total=request.steps * request.n_iter, unit="step", file=sys.stderr)
-    try:
-        result = pipe.generate(request, progress=lambda info, n, total: bar.update(1))
-    finally:
-        bar.close()
-    for image, text, seed in zip(result.images, result.infotexts, result.seeds):
-        path = save_png(image, args.out, filename_stem(seed, request.prompt), text)
-        print(path)
-    return 0
-
-
-def _with_styles(request: GenerationRequest, args: argparse.Namespace) -> GenerationRequest:
-    """The request with the named styles applied to its prompts (A1111's style merge)."""
-    from emaki.models.library import models_root
-    from emaki.prompts.styles import apply_styles, load_styles
-
-    path = args.styles_file or (args.models_dir or models_root()).parent / "styles.csv"
-    styles = load_styles(path)
-    missing = [name for name in args.style if name not in styles]
-    if missing:
-        known = ", ".join(sorted(styles)) or "none"
-        raise EmakiError(f"no style {missing[0]!r} in {path} (it has: {known})")
-    prompt, negative = apply_styles(
-        request.prompt, request.negative_prompt, [styles[n] for n in args.style]
-    )
-    return replace(request, prompt=prompt, negative_prompt=negative)
 
 
 def cmd_info(args: argparse.Namespace) -> int:
@@ -267,7 +126,7 @@ def cmd_make_tiny_model(args: argparse.Namespace) -> int:
 
 
 COMMANDS = {
-    "generate": cmd_generate,
+    "generate": generate_cli.run,
     "info": cmd_info,
     "convert": cmd_convert,
     "samplers": cmd_samplers,

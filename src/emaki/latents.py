@@ -36,12 +36,22 @@ def decode(vae: AutoencoderKL, latents: Tensor, fmt: LatentFormat) -> Tensor:
 
 
 def encode(
-    vae: AutoencoderKL, images: Tensor, fmt: LatentFormat, generator: torch.Generator | None = None
+    vae: AutoencoderKL,
+    images: Tensor,
+    fmt: LatentFormat,
+    generator: torch.Generator | None = None,
+    *,
+    mean: bool = False,
 ) -> Tensor:
-    """Images [B, 3, H, W] in [-1, 1] -> sampled latents [B, C, h, w], scaled."""
+    """Images [B, 3, H, W] in [-1, 1] -> latents [B, C, h, w], scaled.
+
+    A sample of the encoder's posterior, or with ``mean=True`` its mean (deterministic: what
+    img2img uses, so that the same request gives the same image).
+    """
     param = next(vae.parameters())
     dist = vae.encode(images.to(param.device, param.dtype)).latent_dist
-    return dist.sample(generator).float() * fmt.scale_factor
+    z = dist.mean if mean else dist.sample(generator)
+    return z.float() * fmt.scale_factor
 
 
 def to_pil(images: Tensor) -> list[Image.Image]:

@@ -10,9 +10,12 @@ from __future__ import annotations
 
 import secrets
 from dataclasses import dataclass, field, replace
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from emaki.errors import InvalidRequestError
+
+if TYPE_CHECKING:
+    from PIL import Image
 
 Precision = Literal["fp32", "bf16"]
 
@@ -20,6 +23,103 @@ EMPHASIS_MODES = ("Original", "No norm", "Ignore", "None")
 MAX_SEED = 2**32 - 1
 MAX_STEPS = 1000
 MAX_SIDE = 8192
+
+#: A1111's img2img resize modes, by their API index (``resize_mode``).
+RESIZE_MODES = ("Just resize", "Crop and resize", "Resize and fill", "Just resize (latent upscale)")
+#: A1111's "Masked content" choices, by their API index (``inpainting_fill``).
+MASKED_CONTENT = ("fill", "original", "latent noise", "latent nothing")
+#: Latent upscalers for hires fix (A1111 names); any other name is a pixel upscaler.
+LATENT_UPSCALERS = {
+    "Latent": ("bilinear", False),
+    "Latent (antialiased)": ("bilinear", True),
+    "Latent (bicubic)": ("bicubic", False),
+    "Latent (bicubic antialiased)": ("bicubic", True),
+    "Latent (nearest)": ("nearest", False),
+    "Latent (nearest-exact)": ("nearest-exact", False),
+}
+PIXEL_UPSCALERS = ("Lanczos", "Nearest", "None")
+
+
+@dataclass(frozen=True)
+class InitImage:
+    """img2img and inpainting input (A1111 semantics; field names follow A1111's API).
+
+    ``mask``: white (or any alpha in an RGBA image) marks the area to repaint. ``resize_mode``
+    indexes :data:`RESIZE_MODES`, ``inpainting_fill`` indexes :data:`MASKED_CONTENT`.
+    ``inpaint_full_res`` is "Inpaint area: Only masked": the masked region plus
+    ``inpaint_full_res_padding`` pixels is cropped, generated at the full size and pasted back.
+    """
+
+    image: Image.Image
+    mask: Image.Image | None = None
+    resize_mode: int = 0
+    mask_blur: int = 4
+    inpainting_fill: int = 1
+    inpaint_full_res: bool = False
+    inpaint_full_res_padding: int = 32
+    inpainting_mask_invert: bool = False
+    initial_noise_multiplier: float = 1.0
+
+    def validate(self) -> None:
+        from PIL import Image
+
+        if not isinstance(self.image, Image.Image):
+            raise InvalidRequestError("the init image must be an image")
+        if self.mask is not None and not isinstance(self.mask, Image.Image):
+            raise InvalidRequestError("the mask must be an image")
+        _check_int("resize mode", self.resize_mode, 0, len(RESIZE_MODES) - 1)
+        _check_int("masked content (inpainting fill)", self.inpainting_fill, 0, 3)
+        _check_int("mask blur", self.mask_blur, 0, 256)
+        _check_int("masked area padding", self.inpaint_full_res_padding, 0, 1024)
+        if not 0.0 <= self.initial_noise_multiplier <= 2.0:
+            raise InvalidRequestError(
+                f"initial noise multiplier must be in [0, 2], got {self.initial_noise_multiplier}"
+            )
+
+
+@dataclass(frozen=True)
+class HiresFix:
+    """A1111's "Hires. fix": a second img2img pass over the upscaled first image.
+
+    The target size is ``scale`` times the first pass unless ``resize_x``/``resize_y`` are set
+    (one set: keep the aspect ratio; both: upscale to cover, then centre-crop). ``upscaler`` is
+    a latent mode (:data:`LATENT_UPSCALERS`) or a pixel one (:data:`PIXEL_UPSCALERS`). ``steps``
+    0 means the first pass's step count; None for sampler, schedule, prompts and CFG means "same
+    as the first pass".
+    """
+
+    scale: float = 2.0
+    resize_x: int = 0
+    resize_y: int = 0
+    upscaler: str = "Latent"
+    steps: int = 0
+    denoising_strength: float = 0.7
+    sampler: str | None = None
+    schedule: str | None = None
+    prompt: str | None = None
+    negative_prompt: str | None = None
+    cfg_scale: float | None = None
+
+    def validate(self) -> None:
+        if not 1.0 <= self.scale <= 8.0:
+            raise InvalidRequestError(f"hires scale must be in [1, 8], got {self.scale}")
+        for name, side in (
+            ("hires resize width", self.resize_x),
+            ("hires resize height", self.resize_y),
+        ):
+            _check_int(name, side, 0, MAX_SIDE)
+        _check_int("hires steps", self.steps, 0, MAX_STEPS)
+        if not 0.0 <= self.denoising_strength <= 1.0:
+            raise InvalidRequestError(
+                f"hires denoising strength must be in [0, 1], got {self.denoising_strength}"
+            )
+        if self.upscaler not in LATENT_UPSCALERS and self.upscaler not in PIXEL_UPSCALERS:
+            raise InvalidRequestError(
+                f"unknown hires upscaler {self.upscaler!r}; choose one of "
+                f"{', '.join([*LATENT_UPSCALERS, *PIXEL_UPSCALERS])}"
+            )
+        if self.cfg_scale is not None and not 0.0 <= self.cfg_scale <= 100.0:
+            raise InvalidRequestError(f"hires CFG scale must be in [0, 100], got {self.cfg_scale}")
 
 
 @dataclass(frozen=True)
@@ -49,12 +149,22 @@ class GenerationRequest:
     precision: Precision = "fp32"
     emphasis: str = "Original"
     vae: str | None = None  #: a VAE from the models folder's vae/ for this request
+    subseed: int = -1  #: variation seed (-1: drawn at random when subseed_strength > 0)
+    subseed_strength: float = 0.0  #: 0 = the seed's image, 1 = the variation seed's
+    seed_resize_from: tuple[int, int] | None = None  #: (width, height) the noise is made at
+    tiling: bool = False  #: seamless tiling (circular padding in UNet and VAE)
+    denoising_strength: float = 0.75  #: img2img strength (with ``init``)
+    init: InitImage | None = None  #: img2img / inpainting input
+    hires: HiresFix | None = None  #: txt2img second pass
 
     def with_seed(self) -> GenerationRequest:
-        """This request with a concrete seed (a random one drawn if ``seed == -1``)."""
-        if self.seed != -1:
-            return self
-        return replace(self, seed=secrets.randbelow(MAX_SEED + 1))
+        """This request with concrete seeds (random ones drawn for ``-1``)."""
+        r = self
+        if r.seed == -1:
+            r = replace(r, seed=secrets.randbelow(MAX_SEED + 1))
+        if r.subseed == -1 and r.subseed_strength > 0:
+            r = replace(r, subseed=secrets.randbelow(MAX_SEED + 1))
+        return r
 
     def validate(self) -> None:
         """Raise InvalidRequestError naming the first bad field and what is accepted."""
@@ -89,6 +199,26 @@ class GenerationRequest:
             )
         if self.precision not in ("fp32", "bf16"):
             raise InvalidRequestError(f"precision must be fp32 or bf16, got {self.precision!r}")
+        if self.subseed != -1:
+            _check_int("variation seed", self.subseed, 0, MAX_SEED)
+        if not 0.0 <= self.subseed_strength <= 1.0:
+            raise InvalidRequestError(
+                f"variation strength must be in [0, 1], got {self.subseed_strength}"
+            )
+        if self.seed_resize_from is not None:
+            w, h = self.seed_resize_from
+            _check_int("seed resize width", w, 8, MAX_SIDE)
+            _check_int("seed resize height", h, 8, MAX_SIDE)
+        if not 0.0 <= self.denoising_strength <= 1.0:
+            raise InvalidRequestError(
+                f"denoising strength must be in [0, 1], got {self.denoising_strength}"
+            )
+        if self.init is not None:
+            self.init.validate()
+        if self.hires is not None:
+            self.hires.validate()
+        if self.init is not None and self.hires is not None:
+            raise InvalidRequestError("hires fix is a txt2img option; img2img takes no hires")
 
 
 def _check_int(name: str, value: object, lo: int, hi: int) -> None:
@@ -118,14 +248,28 @@ def request_from_params(
                 f"infotext {key!r} has an unreadable value {params[key]!r}"
             ) from None
 
-    width = height = None
-    if "Size" in params:
-        try:
-            width, height = (int(v) for v in params["Size"].lower().split("x"))
-        except ValueError:
-            raise InvalidRequestError(f"infotext 'Size' is not WxH: {params['Size']!r}") from None
+    width, height = _size(params, "Size") or (None, None)
     schedule = params.get("Schedule type", "automatic")
     precision = params.get("Precision", "fp32")
+    strength = num("Denoising strength", float, None)
+    hires = None
+    if strength is not None and any(
+        k in params for k in ("Hires upscale", "Hires upscaler", "Hires resize")
+    ):
+        rx, ry = _size(params, "Hires resize") or (0, 0)
+        hires = HiresFix(
+            scale=num("Hires upscale", float, 2.0),
+            resize_x=rx,
+            resize_y=ry,
+            upscaler=params.get("Hires upscaler", "Latent"),
+            steps=num("Hires steps", int, 0),
+            denoising_strength=strength,
+            sampler=params.get("Hires sampler"),
+            schedule=params.get("Hires schedule type"),
+            prompt=params.get("Hires prompt"),
+            negative_prompt=params.get("Hires negative prompt"),
+            cfg_scale=num("Hires CFG Scale", float, None),
+        )
     return GenerationRequest(
         prompt=prompt,
         negative_prompt=negative_prompt,
@@ -141,4 +285,49 @@ def request_from_params(
         eta=num("Eta", float, None),
         precision=precision,  # type: ignore[arg-type]
         emphasis=params.get("Emphasis", "Original"),
+        subseed=num("Variation seed", int, -1),
+        subseed_strength=num("Variation seed strength", float, 0.0),
+        seed_resize_from=_size(params, "Seed resize from"),
+        tiling=params.get("Tiling", "").strip().lower() == "true",
+        denoising_strength=strength if strength is not None and hires is None else 0.75,
+        hires=hires,
     )
+
+
+def _size(params: dict[str, str], key: str) -> tuple[int, int] | None:
+    """A ``WxH`` infotext value as (width, height), None when absent."""
+    if key not in params:
+        return None
+    try:
+        w, h = (int(v) for v in params[key].lower().split("x"))
+    except ValueError:
+        raise InvalidRequestError(f"infotext {key!r} is not WxH: {params[key]!r}") from None
+    return w, h
+
+
+def init_from_params(
+    params: dict[str, str], image: Image.Image, mask: Image.Image | None = None
+) -> InitImage:
+    """The img2img settings an infotext records, applied to a given init image and mask."""
+    content = params.get("Masked content", "original")
+    if content not in MASKED_CONTENT:
+        raise InvalidRequestError(
+            f"infotext 'Masked content' {content!r} is not one of {MASKED_CONTENT}"
+        )
+    mode = params.get("Resize mode", RESIZE_MODES[0])
+    if mode not in RESIZE_MODES:
+        raise InvalidRequestError(f"infotext 'Resize mode' {mode!r} is not one of {RESIZE_MODES}")
+    try:
+        return InitImage(
+            image,
+            mask=mask,
+            resize_mode=RESIZE_MODES.index(mode),
+            mask_blur=int(float(params.get("Mask blur", 4))),
+            inpainting_fill=MASKED_CONTENT.index(content),
+            inpaint_full_res=params.get("Inpaint area") == "Only masked",
+            inpaint_full_res_padding=int(float(params.get("Masked area padding", 32))),
+            inpainting_mask_invert=params.get("Mask mode") == "Inpaint not masked",
+            initial_noise_multiplier=float(params.get("Noise multiplier", 1.0)),
+        )
+    except ValueError as e:
+        raise InvalidRequestError(f"infotext has an unreadable img2img value: {e}") from None

@@ -22,12 +22,21 @@ from emaki.errors import InvalidRequestError
 from emaki.infotext import format_infotext
 from emaki.latents import LatentFormat, decode, to_pil
 from emaki.models.bundle import ModelBundle
+from emaki.pipelines.hires import hires_size, upscale_latents
+from emaki.pipelines.img2img import (
+    InitState,
+    fixed_steps,
+    img2img_sigmas,
+    prepare_init,
+    txt2img_conditioning,
+)
 from emaki.prompts.encode import EncodedPrompt, ScheduledGuidance, encode_prompts
 from emaki.prompts.grammar import ExtraNetworkCall, extract_extra_networks, strip_comments
-from emaki.request import GenerationRequest
+from emaki.request import MASKED_CONTENT, RESIZE_MODES, GenerationRequest
 from emaki.sampling.brownian import BrownianNoise
 from emaki.sampling.denoisers import DiscreteDenoiser, DiscreteSchedule
 from emaki.sampling.guidance import CFGDenoiser
+from emaki.sampling.inpaint import MaskedDenoiser
 from emaki.sampling.noise import SeededNoise
 from emaki.sampling.registry import SamplerSpec, resolve_sampler
 from emaki.sampling.schedules import ScheduleSpec, get_schedule
@@ -55,6 +64,7 @@ class Adapters:
     loras: tuple[tuple[Any, float, float], ...] = ()  #: (LoraFile, text mult, unet mult)
     hypernetworks: tuple[tuple[Any, float], ...] = ()  #: (Hypernetwork, mult)
     vae: Path | None = None  #: a VAE file that replaces the model's for this request
+    tiling: bool = False  #: circular padding in the UNet and VAE (seamless tiles)
 
     @property
     def key(self) -> tuple[Any, ...]:
@@ -62,6 +72,7 @@ class Adapters:
             tuple((f.hash, te, un) for f, te, un in self.loras),
             tuple((h.hash, m) for h, m in self.hypernetworks),
             str(self.vae) if self.vae is not None else None,
+            self.tiling,
         )
 
 
@@ -105,7 +116,7 @@ class Pipeline:
         self.schedule = DiscreteSchedule(bundle.alphas_cumprod)
         down = 2 ** (len(bundle.vae.config.block_out_channels) - 1)
         self.latent_format = LatentFormat(
-            channels=bundle.unet.config.in_channels,
+            channels=int(bundle.vae.config.latent_channels),
             scale_factor=bundle.vae_scale_factor,
             downsample=down,
         )
@@ -137,6 +148,13 @@ class Pipeline:
 
             vae = find_model("vae", request.vae, self.models).path
             adapters = replace(adapters, vae=vae)
+        if request.tiling:
+            adapters = replace(adapters, tiling=True)
+        if request.init is not None and (request.width is None or request.height is None):
+            # img2img without a size: the init image's size (multiples of 8)
+            w, h = request.init.image.size
+            width = request.width or max(8, w // 8 * 8)
+            height = request.height or max(8, h // 8 * 8)
         return Resolved(
             request, sampler, schedule, width, height, options, prompt, negative, adapters
         )
@@ -172,7 +190,7 @@ class Pipeline:
     def adapted(self, r: Resolved) -> tuple[ModelBundle, TextEncoder]:
         """Step 2: the job's model: the shared one, or a clone with the prompt's adapters."""
         key = r.adapters.key
-        if key == ((), (), None):
+        if key == ((), (), None, False):
             return self.bundle, self._text_encoder(self.bundle)
         if key not in self._adapted:
             from emaki.adapters.hypernetwork import apply_hypernetworks
@@ -190,6 +208,10 @@ class Pipeline:
                 bundle = replace(bundle, vae=vae, vae_name=name, vae_hash=short)
             bundle = apply_loras(bundle, r.adapters.loras)
             bundle = apply_hypernetworks(bundle, r.adapters.hypernetworks)
+            if r.adapters.tiling:
+                from emaki.adapters.tiling import apply_tiling
+
+                bundle = apply_tiling(bundle)
             while len(self._adapted) >= 2:  # keep the last two adapter sets
                 self._adapted.pop(next(iter(self._adapted)))
             self._adapted[key] = (bundle, self._text_encoder(bundle))
@@ -221,69 +243,214 @@ class Pipeline:
                 )
         return self._embeddings  # type: ignore[return-value]
 
-    def conditioning(self, r: Resolved, text: TextEncoder | None = None) -> EncodedPrompt:
-        """Step 3: encode every distinct text of the prompts' schedules once (not per image)."""
+    def conditioning(
+        self,
+        r: Resolved,
+        text: TextEncoder | None = None,
+        *,
+        prompts: tuple[str, str] | None = None,
+        steps: int | None = None,
+    ) -> EncodedPrompt:
+        """Step 3: encode every distinct text of the prompts' schedules once (not per image).
+
+        ``prompts`` (positive, negative) and ``steps`` replace the request's (hires pass).
+        """
         req = r.request
+        prompt, negative = prompts or (r.prompt, r.negative_prompt)
         return encode_prompts(
             text or self.text,
-            r.prompt,
-            r.negative_prompt,
-            req.steps,
+            prompt,
+            negative,
+            steps or req.steps,
             clip_skip=req.clip_skip,
             emphasis=req.emphasis,
         )
 
-    def denoiser(self, r: Resolved, bundle: ModelBundle | None = None) -> ScheduledGuidance:
-        """Step 4: the model as a denoiser, wrapped in scheduled classifier-free guidance."""
+    def denoiser(
+        self,
+        r: Resolved,
+        bundle: ModelBundle | None = None,
+        *,
+        concat: Tensor | None = None,
+        cfg_scale: float | None = None,
+    ) -> ScheduledGuidance:
+        """Step 4: the model as a denoiser, wrapped in scheduled classifier-free guidance.
+
+        ``concat`` [1, k, h, w] is appended to the UNet input's channels (inpainting models).
+        """
         unet = (bundle or self.bundle).unet
 
         def apply(x: Tensor, t: Tensor, cond: Conditioning) -> Tensor:
             ctx = cond.context.to(x.device, x.dtype)
+            if concat is not None:
+                extra = concat.to(x.device, x.dtype).expand(x.shape[0], -1, -1, -1)
+                x = torch.cat([x, extra], dim=1)
             return unet(x, t.to(x.device), encoder_hidden_states=ctx, return_dict=False)[0]
 
         inner = DiscreteDenoiser(apply, self.schedule, self.bundle.prediction_type)
-        return ScheduledGuidance(
-            CFGDenoiser(inner, r.request.cfg_scale, r.request.guidance_rescale)
-        )
+        scale = r.request.cfg_scale if cfg_scale is None else cfg_scale
+        return ScheduledGuidance(CFGDenoiser(inner, scale, r.request.guidance_rescale))
 
-    def sigmas(self, r: Resolved) -> Tensor:
-        """Step 5: the sigma schedule."""
-        return r.schedule.fn(self.schedule, r.request.steps).to(torch.float32)
+    def sigmas(self, r: Resolved, steps: int | None = None) -> Tensor:
+        """Step 5: the sigma schedule (img2img: its tail, by the denoising strength)."""
+        req = r.request
+        full = r.schedule.fn(self.schedule, steps or req.steps).to(torch.float32)
+        if req.init is None or steps is not None:
+            return full
+        return img2img_sigmas(full, req.denoising_strength)
+
+    def inpainting_model(self, bundle: ModelBundle) -> bool:
+        """Whether the UNet takes mask and masked-image channels (RunwayML inpainting)."""
+        return int(bundle.unet.config.in_channels) == self.latent_format.channels * 2 + 1
+
+    def init_state(self, r: Resolved, bundle: ModelBundle) -> InitState | None:
+        """Step 6a (img2img): the init image resized, masked, filled and encoded."""
+        if r.request.init is None:
+            return None
+        return prepare_init(
+            r.request.init, r.width, r.height, bundle.vae, self.latent_format,
+            inpainting_model=self.inpainting_model(bundle),
+        )  # fmt: skip
 
     @torch.inference_mode()
     def generate(
         self, request: GenerationRequest, *, progress: ProgressCallback | None = None
     ) -> GenerationResult:
-        """Run a txt2img job; raising from ``progress`` interrupts it."""
+        """Run a txt2img or img2img job; raising from ``progress`` interrupts it."""
         r = self.resolve(request)
         req = r.request
         bundle, text = self.adapted(r)
         encoded = self.conditioning(r, text)
+        init = self.init_state(r, bundle)
         sigmas = self.sigmas(r)
-        device = next(bundle.unet.parameters()).device
+        concat = init.concat if init is not None else None
+        if init is None and self.inpainting_model(bundle):
+            concat = txt2img_conditioning(bundle.vae, self.latent_format, r.width, r.height)
         shape = self.latent_format.latent_shape(r.width, r.height)
+        passes = 2 if req.hires is not None else 1
         images: list[Image.Image] = []
         seeds: list[int] = []
         for n in range(req.n_iter):
-            # Step 6: per-image seeded noise on the CPU; image i of the job uses seed + i.
+            # Step 6: per-image seeds; image i of the job uses seed + i.
             batch_seeds = [req.seed + n * req.batch_size + i for i in range(req.batch_size)]
-            seeded = SeededNoise(batch_seeds, shape, device=device)
-            x = seeded.initial() * sigmas[0]
-            noise = _sampler_noise(r.sampler, seeded, batch_seeds, shape, sigmas, device)
-            denoiser = self.denoiser(r, bundle)  # a fresh step counter per model call
-            callback = _call_progress(denoiser, progress, n, req.n_iter)
-            with _precision(req.precision):
-                # Step 7: sample, then decode the latents.
-                latents = r.sampler(
-                    denoiser, x, sigmas.to(device), cond=encoded.conds, noise=noise,
-                    callback=callback, **r.options,
-                )  # fmt: skip
-                pixels = decode(bundle.vae, latents, self.latent_format)
-            images.extend(to_pil(pixels))
             seeds.extend(batch_seeds)
+            if init is not None and len(sigmas) == 1:  # strength 0: the input, unchanged
+                images.extend(init.finish([init.image.copy() for _ in batch_seeds]))
+                continue
+            with _precision(req.precision):
+                # Step 7: sample (and the hires pass), then decode the latents.
+                call = _Call(progress, n * passes, req.n_iter * passes)
+                latents = self.sample(
+                    r, bundle, encoded, sigmas, batch_seeds, shape, init=init, concat=concat,
+                    call=call,
+                )  # fmt: skip
+                if req.hires is not None:
+                    latents = self.hires_pass(r, bundle, text, encoded, latents, batch_seeds, call)
+                pixels = decode(bundle.vae, latents, self.latent_format)
+            batch = to_pil(pixels)
+            images.extend(init.finish(batch) if init is not None else batch)
         # Step 8: infotext for each image.
         infotexts = [self.infotext(r, seed, encoded, bundle) for seed in seeds]
         return GenerationResult(images, infotexts, seeds, req)
+
+    def sample(
+        self,
+        r: Resolved,
+        bundle: ModelBundle,
+        encoded: EncodedPrompt,
+        sigmas: Tensor,
+        seeds: list[int],
+        shape: tuple[int, ...],
+        *,
+        init: InitState | None = None,
+        start: Tensor | None = None,
+        concat: Tensor | None = None,
+        cfg_scale: float | None = None,
+        call: _Call | None = None,
+    ) -> Tensor:
+        """One batch through the sampler: seeded noise, (init latent,) guidance, steps.
+
+        ``start`` (img2img without an :class:`InitState`, e.g. the hires pass) is the latent the
+        noise is added to. Returns latents [B, C, h, w].
+        """
+        req = r.request
+        device = next(bundle.unet.parameters()).device
+        resize_from = None
+        if req.seed_resize_from is not None:
+            resize_from = self.latent_format.latent_shape(*req.seed_resize_from)
+        seeded = SeededNoise(
+            seeds, shape, device=device, subseeds=[req.subseed] * len(seeds),
+            subseed_strength=req.subseed_strength, resize_from=resize_from,
+        )  # fmt: skip
+        noise0 = seeded.initial()
+        sigmas = sigmas.to(device)
+        keep = None
+        if init is not None:
+            start = init.start_latent(noise0)
+            keep = init.keep
+        if start is not None:
+            multiplier = req.init.initial_noise_multiplier if req.init is not None else 1.0
+            x = start.to(noise0) + noise0 * (multiplier * sigmas[0])
+        else:
+            x = noise0 * sigmas[0]
+        noise = _sampler_noise(r.sampler, seeded, seeds, shape, sigmas, device)
+        scheduled = self.denoiser(r, bundle, concat=concat, cfg_scale=cfg_scale)
+        denoiser: Any = scheduled
+        if keep is not None and start is not None:
+            denoiser = MaskedDenoiser(scheduled, start, keep)
+        callback = (call or _Call(None, 0, 1)).callback(scheduled)
+        latents = r.sampler(
+            denoiser, x, sigmas, cond=encoded.conds, noise=noise, callback=callback, **r.options
+        )
+        if keep is not None and start is not None:
+            keep = keep.to(latents)
+            latents = latents * (1 - keep) + start.to(latents) * keep
+        return latents
+
+    def hires_pass(
+        self,
+        r: Resolved,
+        bundle: ModelBundle,
+        text: TextEncoder,
+        encoded: EncodedPrompt,
+        latents: Tensor,
+        seeds: list[int],
+        call: _Call,
+    ) -> Tensor:
+        """Step 7b: upscale the first pass and run img2img over it at the hires size."""
+        hr = r.request.hires
+        assert hr is not None
+        fmt = self.latent_format
+        size = hires_size(hr, r.width, r.height, fmt.downsample)
+        start = upscale_latents(latents, hr, size, bundle.vae, fmt)
+        steps = hr.steps or r.request.steps
+        sampler, schedule = r.sampler, r.schedule
+        if hr.sampler is not None or hr.schedule is not None:
+            sampler, legacy = resolve_sampler(hr.sampler or r.request.sampler)
+            name = hr.schedule or ("automatic" if hr.sampler else r.request.schedule)
+            if name.strip().lower() == "automatic":
+                name = legacy or sampler.default_schedule
+            schedule = get_schedule(name)
+        hr_r = replace(r, sampler=sampler, schedule=schedule)
+        prompts = (
+            r.prompt if hr.prompt is None else strip_comments(hr.prompt),
+            r.negative_prompt if hr.negative_prompt is None else strip_comments(hr.negative_prompt),
+        )
+        if prompts != (r.prompt, r.negative_prompt) or steps != r.request.steps:
+            encoded = self.conditioning(r, text, prompts=prompts, steps=steps)
+        total = fixed_steps(steps, hr.denoising_strength)
+        sigmas = img2img_sigmas(self.sigmas(hr_r, total), hr.denoising_strength, run=steps)
+        if len(sigmas) == 1:
+            return start
+        w, h = size.final(fmt.downsample)
+        concat = None
+        if self.inpainting_model(bundle):
+            concat = txt2img_conditioning(bundle.vae, fmt, w, h)
+        call.advance()
+        return self.sample(
+            hr_r, bundle, encoded, sigmas, seeds, tuple(start.shape[1:]), start=start,
+            concat=concat, cfg_scale=hr.cfg_scale, call=call,
+        )  # fmt: skip
 
     def infotext(
         self,
@@ -308,13 +475,18 @@ class Pipeline:
             "Model": b.name,
             "VAE hash": b.vae_hash,
             "VAE": b.vae_name,
+            **_seed_params(req, r),
+            "Denoising strength": _denoising(req),
             "Clip skip": req.clip_skip if req.clip_skip > 1 else None,
+            "Tiling": True if req.tiling else None,
             "Eta": r.options.get("eta"),
             "CFG rescale": req.guidance_rescale or None,
             "Precision": req.precision if req.precision != "fp32" else None,
             "Emphasis": req.emphasis if req.emphasis != "Original" else None,
             "Lora hashes": ", ".join(f"{f.name}: {f.hash}" for f, _, _ in r.adapters.loras) or None,
             "TI hashes": ", ".join(f"{n}: {library.get(n).hash}" for n in ti) if library else None,
+            **_init_params(req),
+            **_hires_params(req),
             "Version": f"emaki {__version__}",
         }
         prompt = strip_comments(req.prompt)
@@ -337,17 +509,86 @@ def _sampler_noise(
     return BrownianNoise(seeds, shape, lo, hi, device=device)
 
 
-def _call_progress(
-    denoiser: ScheduledGuidance, progress: ProgressCallback | None, n: int, total: int
-) -> StepCallback:
-    """The sampler's step callback: advance the prompt schedule, then report progress."""
+def _seed_params(req: GenerationRequest, r: Resolved) -> dict[str, object]:
+    params: dict[str, object] = {}
+    if req.subseed_strength > 0:
+        params["Variation seed"] = req.subseed
+        params["Variation seed strength"] = req.subseed_strength
+    if req.seed_resize_from is not None and req.seed_resize_from != (r.width, r.height):
+        params["Seed resize from"] = "{}x{}".format(*req.seed_resize_from)
+    return params
 
-    def callback(info: StepInfo) -> None:
-        denoiser.on_step(info)
-        if progress is not None:
-            progress(info, n, total)
 
-    return callback
+def _denoising(req: GenerationRequest) -> float | None:
+    if req.hires is not None:
+        return req.hires.denoising_strength
+    return req.denoising_strength if req.init is not None else None
+
+
+def _init_params(req: GenerationRequest) -> dict[str, object]:
+    """A1111's img2img/inpainting infotext keys (the init image itself is not recorded)."""
+    init = req.init
+    if init is None:
+        return {}
+    params: dict[str, object] = {}
+    if init.resize_mode != 0:
+        params["Resize mode"] = RESIZE_MODES[init.resize_mode]
+    if init.initial_noise_multiplier != 1.0:
+        params["Noise multiplier"] = init.initial_noise_multiplier
+    if init.mask is None:
+        return params
+    params["Mask blur"] = init.mask_blur
+    if init.inpainting_mask_invert:
+        params["Mask mode"] = "Inpaint not masked"
+    if init.inpainting_fill != 1:
+        params["Masked content"] = MASKED_CONTENT[init.inpainting_fill]
+    if init.inpaint_full_res:
+        params["Inpaint area"] = "Only masked"
+        params["Masked area padding"] = init.inpaint_full_res_padding
+    return params
+
+
+def _hires_params(req: GenerationRequest) -> dict[str, object]:
+    hr = req.hires
+    if hr is None:
+        return {}
+    resize = hr.resize_x or hr.resize_y
+    return {
+        "Hires upscale": None if resize else hr.scale,
+        "Hires resize": f"{hr.resize_x}x{hr.resize_y}" if resize else None,
+        "Hires steps": hr.steps or None,
+        "Hires upscaler": hr.upscaler,
+        "Hires sampler": hr.sampler,
+        "Hires schedule type": hr.schedule,
+        "Hires CFG Scale": hr.cfg_scale,
+        "Hires prompt": hr.prompt if hr.prompt not in (None, req.prompt) else None,
+        "Hires negative prompt": (
+            hr.negative_prompt if hr.negative_prompt not in (None, req.negative_prompt) else None
+        ),
+    }
+
+
+class _Call:
+    """Which model call of the job is running (for progress), and its step callback."""
+
+    def __init__(self, progress: ProgressCallback | None, index: int, total: int) -> None:
+        self.progress = progress
+        self.index = index
+        self.total = total
+
+    def advance(self) -> None:
+        self.index += 1
+
+    def callback(self, denoiser: ScheduledGuidance) -> StepCallback:
+        """The sampler's step callback: advance the prompt schedule, then report progress."""
+        progress, index, total = self.progress, self.index, self.total
+
+        def callback(info: StepInfo) -> None:
+            denoiser.on_step(info)
+            if progress is not None:
+                progress(info, index, total)
+
+        return callback
 
 
 def _number(text: str, call: ExtraNetworkCall) -> float:

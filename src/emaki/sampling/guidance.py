@@ -49,7 +49,7 @@ class GuidedCond:
         """
         cache = self.__dict__.setdefault("_groups", {})  # frozen: cache outside the fields
         if batch_size not in cache:
-            conds = [c for _, c in self.parts] + [self.negative]
+            conds = [c for _, c in self.parts] + [self.negative.as_negative()]
             by_shape: dict[tuple[int, ...], list[int]] = {}
             for i, c in enumerate(conds):
                 by_shape.setdefault(tuple(c.context.shape[1:]), []).append(i)
