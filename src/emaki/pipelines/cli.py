@@ -96,6 +96,14 @@ def _size(text: str) -> tuple[int, int]:
     return w, h
 
 
+def _sides(text: str) -> tuple[int, int, int, int]:
+    try:
+        left, right, top, bottom = (int(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected LEFT,RIGHT,TOP,BOTTOM, got {text!r}") from None
+    return left, right, top, bottom
+
+
 def add_request_args(g: argparse.ArgumentParser) -> None:
     """The flags of one generation request (shared by generate, plot, matrix...)."""
     from emaki.request import MASKED_CONTENT, RESIZE_MODES
@@ -158,6 +166,10 @@ def add_request_args(g: argparse.ArgumentParser) -> None:
     i2i.add_argument("--padding", type=int, help="masked area padding for --only-masked (32)")
     i2i.add_argument("--invert-mask", action="store_true", default=None, help="inpaint not masked")
     i2i.add_argument("--noise-multiplier", type=float, help="initial noise multiplier (1)")
+    i2i.add_argument(
+        "--outpaint", type=_sides, metavar="L,R,T,B",
+        help="extend the --init image by these pixels (multiples of 8) and paint the border",
+    )  # fmt: skip
     hr = g.add_argument_group("hires fix")
     hr.add_argument("--hires-scale", type=float, help="upscale factor of the second pass")
     hr.add_argument("--hires-resize", type=_size, metavar="WxH", help="second pass size")
@@ -340,7 +352,16 @@ def run(args: argparse.Namespace) -> int:
         if init_path is not None:
             image = read_image(init_path)
             mask = read_image(mask_path) if mask_path is not None else None
-            job = replace(request, init=init_from_args(args, image, mask))
+            if args.outpaint is not None:
+                if mask is not None:
+                    raise EmakiError("--outpaint makes its own mask; leave out --mask")
+                from emaki.pipelines.outpaint import Outpaint, outpaint_request
+
+                blur = args.mask_blur if args.mask_blur is not None else 8
+                spec = Outpaint(*args.outpaint, mask_blur=blur)
+                job = outpaint_request(request, image, spec)
+            else:
+                job = replace(request, init=init_from_args(args, image, mask))
         job = pipe.resolve(job).request  # validates and fixes the seeds before work starts
         print(f"seed: {job.seed}", file=sys.stderr)
         for _ in range(1 + args.loopback):
