@@ -99,6 +99,23 @@ def test_train_export_and_generate_in_emaki_and_diffusers(
     assert out.shape == (16, 16, 3) and np.isfinite(out).all()
 
 
+def test_exporting_the_last_checkpoint_equals_the_finished_model(
+    parts: dict[str, Path], tmp_path: Path
+) -> None:
+    from emaki.train.loop import export_checkpoint
+
+    recipe = parse_recipe(_recipe(parts, tmp_path / "run"))
+    res = train(recipe, progress=False)
+    exported = export_checkpoint(recipe, tmp_path / "preview")
+    a, b = load_model(res.model_dir).unet.state_dict(), load_model(exported).unet.state_dict()
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    # an earlier checkpoint is a different (EMA) model
+    first = sorted((tmp_path / "run" / "checkpoints").iterdir())[0]
+    early = load_model(export_checkpoint(recipe, tmp_path / "early", first)).unet.state_dict()
+    assert any(not torch.equal(a[k], early[k]) for k in a)
+
+
 def test_resume_reproduces_losses_with_cached_latents(
     parts: dict[str, Path], tmp_path: Path
 ) -> None:

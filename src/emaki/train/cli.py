@@ -22,6 +22,12 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--max-steps", type=int, help="stop after this many steps in this call (then resume later)"
     )
     t.add_argument("--no-progress", action="store_true", help="no progress bar")
+    t.add_argument(
+        "--export",
+        type=Path,
+        metavar="DIR",
+        help="do not train: export the newest checkpoint (with its EMA weights) as a model to DIR",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -29,6 +35,11 @@ def run(args: argparse.Namespace) -> int:
     from emaki.train.recipe import load_recipe
 
     recipe = load_recipe(args.recipe)
+    if args.export is not None:
+        from emaki.train.loop import export_checkpoint
+
+        print(f"model: {export_checkpoint(recipe, args.export)}")
+        return 0
     result = train(recipe, stop_after=args.max_steps, progress=not args.no_progress)
     if result.finished and result.model_dir is None:
         return 0  # another process of a multi-process run: the first one reports

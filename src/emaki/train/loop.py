@@ -364,6 +364,34 @@ def train(
     return TrainResult(run_dir, step, finished, model_dir, last_loss)
 
 
+def export_checkpoint(recipe: Recipe, dest: Path, checkpoint: Path | None = None) -> Path:
+    """Export a checkpoint of a run (the newest by default) as a model, with its EMA weights.
+
+    What the run would export if it finished at that step: a preview of a long run that keeps
+    training (kohya's "save every N steps"). The run's own checkpoints are not touched.
+    """
+    from accelerate import Accelerator
+
+    from emaki.train.tasks import make_task
+
+    run_dir = Path(recipe.output)
+    if checkpoint is None:
+        found = list_checkpoints(run_dir)
+        if not found:
+            raise TrainingError(f"{run_dir} has no checkpoints to export")
+        checkpoint = found[-1]
+    ck = load_checkpoint(checkpoint)
+    task = make_task(recipe, Accelerator(cpu=True))
+    module = task.module()
+    module.load_state_dict(ck["model"])
+    if ck["ema"] is not None:
+        params = [p for p in module.parameters() if p.requires_grad]
+        with torch.no_grad():
+            for i, p in enumerate(params):
+                p.copy_(ck["ema"][f"{i}"])
+    return task.export(module, Path(dest))
+
+
 def _allow_new_precision(wanted: str) -> None:
     """accelerate keeps one precision per process; let a later run in the same process choose another.
 
