@@ -1,0 +1,158 @@
+"""Render the images of docs/generation.md: each generation feature at work on a model.
+
+One PNG per feature under ``--out`` (default docs/images/generation/), each a labelled strip of
+cells: the input (where there is one) and what the feature makes of it, same seed throughout.
+
+    .venv/bin/python tools/feature_gallery.py
+    .venv/bin/python tools/feature_gallery.py --model /tmp/tiny-sd1 --out /tmp/gallery --steps 4
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Callable
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+from PIL import Image
+
+from emaki.request import GenerationRequest, HiresFix, InitImage
+
+Cell = tuple[Image.Image, str]
+
+
+def _mask_box(size: tuple[int, int], box: tuple[int, int, int, int]) -> Image.Image:
+    mask = Image.new("L", size, 0)
+    mask.paste(255, box)
+    return mask
+
+
+def txt2img_and_img2img(pipe: Any, base: GenerationRequest) -> list[Cell]:
+    source = pipe.generate(base).images[0]
+    cells = [(source, base.prompt)]
+    for strength in (0.4, 0.6, 0.8):
+        req = replace(
+            base, prompt="green apple, twemoji style", denoising_strength=strength,
+            init=InitImage(source),
+        )  # fmt: skip
+        cells.append((pipe.generate(req).images[0], f"img2img 'green apple' s={strength}"))
+    return cells
+
+
+def inpainting(pipe: Any, base: GenerationRequest) -> list[Cell]:
+    source = pipe.generate(replace(base, prompt="grinning face, twemoji style")).images[0]
+    mask = _mask_box(source.size, (16, 36, 48, 56))
+    cells = [(source, "input"), (mask.convert("RGB"), "mask (mouth)")]
+    for fill, name in ((1, "original"), (2, "latent noise")):
+        req = replace(
+            base, prompt="face with open mouth, twemoji style", denoising_strength=0.9,
+            init=InitImage(source, mask=mask, mask_blur=2, inpainting_fill=fill),
+        )  # fmt: skip
+        cells.append((pipe.generate(req).images[0], f"inpaint, {name}"))
+    return cells
+
+
+def outpainting(pipe: Any, base: GenerationRequest) -> list[Cell]:
+    from emaki.pipelines.outpaint import Outpaint, outpaint_request
+
+    source = pipe.generate(replace(base, prompt="rocket, twemoji style")).images[0]
+    cells = [(source, "input 64x64")]
+    for spec, name in (
+        (Outpaint(right=32), "right +32"),
+        (Outpaint(left=32, right=32), "both +32"),
+    ):
+        req = outpaint_request(replace(base, denoising_strength=1.0), source, spec)
+        cells.append((pipe.generate(req).images[0], f"outpaint {name}"))
+    return cells
+
+
+def hires_fix(pipe: Any, base: GenerationRequest) -> list[Cell]:
+    plain = pipe.generate(base).images[0]
+    cells = [(plain, "64x64, one pass")]
+    for upscaler in ("Latent", "Lanczos"):
+        hr = HiresFix(scale=2.0, upscaler=upscaler, denoising_strength=0.55)
+        cells.append((pipe.generate(replace(base, hires=hr)).images[0], f"hires x2, {upscaler}"))
+    return cells
+
+
+def variations(pipe: Any, base: GenerationRequest) -> list[Cell]:
+    cells = []
+    for strength in (0.0, 0.25, 0.5, 0.75, 1.0):
+        req = replace(base, prompt="cat face, twemoji style", subseed=99, subseed_strength=strength)
+        cells.append((pipe.generate(req).images[0], f"variation {strength}"))
+    return cells
+
+
+def tiling(pipe: Any, base: GenerationRequest) -> list[Cell]:
+    req = replace(base, prompt="red heart, twemoji style", tiling=True)
+    tile = pipe.generate(req).images[0]
+    plain = pipe.generate(replace(req, tiling=False)).images[0]
+
+    def repeat(im: Image.Image) -> Image.Image:
+        out = Image.new("RGB", (im.width * 2, im.height * 2))
+        for x in (0, im.width):
+            for y in (0, im.height):
+                out.paste(im, (x, y))
+        return out
+
+    return [(repeat(plain), "2x2 of a plain image"), (repeat(tile), "2x2 of a tiling image")]
+
+
+FEATURES: dict[str, Callable[[Any, GenerationRequest], list[Cell]]] = {
+    "img2img": txt2img_and_img2img,
+    "inpainting": inpainting,
+    "outpainting": outpainting,
+    "hires-fix": hires_fix,
+    "variations": variations,
+    "tiling": tiling,
+}
+
+
+def strip(cells: list[Cell], height: int) -> Image.Image:
+    """Cells scaled to one height (nearest neighbour: pixels stay visible), labels below."""
+    from PIL import ImageDraw, ImageFont
+
+    font = ImageFont.load_default(size=12)
+    scaled = [
+        im.resize((im.width * height // im.height, height), Image.Resampling.NEAREST)
+        for im, _ in cells
+    ]
+    width = sum(max(im.width, 8 * len(label)) for im, (_, label) in zip(scaled, cells)) + 8 * len(
+        cells
+    )
+    out = Image.new("RGB", (width, height + 22), "white")
+    draw = ImageDraw.Draw(out)
+    x = 4
+    for im, (_, label) in zip(scaled, cells):
+        out.paste(im, (x, 0))
+        draw.text((x, height + 4), label, fill="black", font=font)
+        x += max(im.width, 8 * len(label)) + 8
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--model", type=Path, help="model (default: emaki's default model)")
+    ap.add_argument("--out", type=Path, default=Path("docs/images/generation"))
+    ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--seed", type=int, default=3)
+    ap.add_argument("--only", nargs="*", choices=sorted(FEATURES), help="render only these")
+    args = ap.parse_args()
+
+    from emaki.models.default import default_model_path
+    from emaki.pipelines.txt2img import load_pipeline
+
+    pipe = load_pipeline(args.model or default_model_path())
+    base = GenerationRequest(
+        "red apple, twemoji style", steps=args.steps, seed=args.seed, cfg_scale=5.0
+    )
+    args.out.mkdir(parents=True, exist_ok=True)
+    for name in args.only or FEATURES:
+        path = args.out / f"{name}.png"
+        strip(FEATURES[name](pipe, base), 160).save(path)
+        print(path)
+
+
+if __name__ == "__main__":
+    main()
