@@ -19,6 +19,7 @@ from emaki.models import cli as models_cli
 from emaki.pipelines import cli as generate_cli
 from emaki.pipelines.cli import add_model_args as _add_model_args  # noqa: F401 (used by helpers)
 from emaki.prompts import cli as prompt_cli
+from emaki.server import cli as server_cli
 from emaki.train import cli as train_cli
 
 
@@ -56,6 +57,7 @@ def build_parser() -> argparse.ArgumentParser:
     eval_cli.register(sub)
     models_cli.register(sub)
     prompt_cli.register(sub)
+    server_cli.register(sub)
     return parser
 
 
@@ -137,6 +139,7 @@ COMMANDS = {
     "merge": models_cli.run_merge,
     "models": models_cli.run_models,
     "prompt": prompt_cli.run,
+    "serve": server_cli.run,
 }
 
 

@@ -132,6 +132,13 @@ def save_png(
     (keys: 1-79 Latin-1 characters, not ``parameters``). ``None`` writes no infotext. The folder is
     created if needed. Raises :class:`EmakiError` when the file cannot be written.
     """
+    return _write_new_file(Path(folder), stem, ".png", png_bytes(image, infotext, extra_text))
+
+
+def png_bytes(
+    image: Image.Image, infotext: str | None, extra_text: Mapping[str, str] | None = None
+) -> bytes:
+    """``image`` encoded as PNG with the infotext in its ``parameters`` chunk (see save_png)."""
     pnginfo = PngImagePlugin.PngInfo()
     for key, value in (extra_text or {}).items():
         _check_png_keyword(key)
@@ -142,7 +149,53 @@ def save_png(
         pnginfo.add_text(PARAMETERS_KEY, infotext)
     buffer = io.BytesIO()
     image.save(buffer, format="PNG", pnginfo=pnginfo)
-    return _write_new_file(Path(folder), stem, ".png", buffer.getvalue())
+    return buffer.getvalue()
+
+
+def write_atomic(path: Path | str, data: bytes) -> Path:
+    """Write ``data`` to ``path`` all at once: readers see the old file or the whole new one.
+
+    Unlike :func:`save_png` this replaces an existing file of that name: for outputs whose name
+    is fixed by a job, so that a job that runs again replaces its own files.
+    """
+    path = Path(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        temp = _write_temp_file(path.parent, data)
+        try:
+            os.replace(temp, path)
+        finally:
+            temp.unlink(missing_ok=True)
+    except OSError as exc:
+        reason = exc.strerror or str(exc)
+        raise EmakiError(f"cannot write {_one_line(path)}: {reason}") from None
+    return path
+
+
+def decode_image(data: bytes, *, max_pixels: int, what: str = "image") -> Image.Image:
+    """Decode image bytes (PNG, JPEG, WebP...) refusing sizes over ``max_pixels``.
+
+    The size comes from the header, before any pixel is decoded, so a decompression bomb costs
+    nothing. Raises :class:`InfotextError` naming ``what`` for unreadable or oversized data.
+    """
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            image = Image.open(io.BytesIO(data))
+        if image.width * image.height > max_pixels:
+            raise InfotextError(
+                f"{what} is {image.width}x{image.height}, more than the {max_pixels} pixels allowed"
+            )
+        image.load()
+        return image.copy()
+    except InfotextError:
+        raise
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+        raise InfotextError(
+            f"{what} is larger than the {max_pixels} pixels allowed (a decompression bomb?)"
+        ) from None
+    except (OSError, ValueError, SyntaxError) as exc:
+        raise InfotextError(f"{what} is not a readable image ({exc})") from None
 
 
 def save_jpeg(
@@ -313,7 +366,7 @@ def read_infotext_text(path: Path | str) -> str | None:
     path = Path(path)
     try:
         with _open_checked(path) as image:
-            return _stored_infotext(image)
+            return stored_infotext(image)
     except InfotextError as exc:
         raise InfotextError(f"cannot read {_one_line(path)}: {exc}") from None
     except _READ_ERRORS as exc:
@@ -342,7 +395,7 @@ def _open_checked(path: Path) -> Image.Image:
     return image
 
 
-def _stored_infotext(image: Image.Image) -> str | None:
+def stored_infotext(image: Image.Image) -> str | None:
     info = image.info
     if (
         isinstance(image, PngImagePlugin.PngImageFile)
