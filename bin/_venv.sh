@@ -28,3 +28,22 @@ ensure_venv() {
         -c "$emaki_root/constraints.txt" -e "$emaki_root[$extras]" >&2
     echo "$want" > "$stamp"
 }
+
+ensure_browser() {
+    # The web page's tests drive Debian's chromium with Selenium; install it when missing.
+    if command -v chromium >/dev/null && command -v chromedriver >/dev/null; then
+        return 0
+    fi
+    local sudo=""
+    [ "$(id -u)" = 0 ] || sudo="$(command -v sudo || true)"
+    if command -v apt-get >/dev/null && { [ "$(id -u)" = 0 ] || [ -n "$sudo" ]; }; then
+        echo "emaki: installing chromium and chromium-driver for the web page's tests ..." >&2
+        if $sudo apt-get install -y -q chromium chromium-driver >/dev/null 2>&1 \
+            || { $sudo apt-get update -q >/dev/null 2>&1 \
+                 && $sudo apt-get install -y -q chromium chromium-driver >/dev/null 2>&1; }; then
+            return 0
+        fi
+    fi
+    echo "emaki: WARNING: no chromium/chromedriver and cannot install them: browser tests skipped" >&2
+    export EMAKI_SKIP_BROWSER=1
+}

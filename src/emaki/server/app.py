@@ -57,6 +57,9 @@ def create_app(config: ServerConfig, pipeline: Any) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
+        for folder in (config.outputs, config.uploads):  # half-written files of a killed server
+            for temp in folder.glob(".emaki-*.tmp") if folder.is_dir() else ():
+                temp.unlink(missing_ok=True)
         store.recover()
         worker.start()
         yield

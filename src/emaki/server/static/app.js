@@ -141,20 +141,27 @@ function setupPainting() {
 async function refresh() {
   try {
     const active = await (await api("/api/jobs?state=queued,running")).json();
+    // update rows in place, so a Cancel button being clicked is never replaced under the pointer
     const q = $("queue");
-    q.replaceChildren(...active.map((job) => {
-      const li = document.createElement("li");
-      li.dataset.job = job.id;
-      const label = document.createElement("span");
-      label.textContent = `${job.kind} ${job.id.slice(0, 8)} ${job.state}`;
-      const bar = document.createElement("progress");
-      bar.max = 1; bar.value = 0; bar.id = "progress-" + job.id;
-      const cancel = document.createElement("button");
-      cancel.type = "button"; cancel.textContent = "Cancel"; cancel.className = "cancel";
-      cancel.addEventListener("click", () => api("/api/jobs/" + job.id, { method: "DELETE" }).then(refresh, showError));
-      li.append(label, bar, cancel);
-      return li;
-    }));
+    const ids = new Set(active.map((job) => job.id));
+    for (const li of [...q.children]) if (!ids.has(li.dataset.job)) li.remove();
+    for (const job of active) {
+      let li = q.querySelector(`li[data-job="${job.id}"]`);
+      if (!li) {
+        li = document.createElement("li");
+        li.dataset.job = job.id;
+        const label = document.createElement("span");
+        label.className = "label";
+        const bar = document.createElement("progress");
+        bar.max = 1; bar.value = 0; bar.id = "progress-" + job.id;
+        const cancel = document.createElement("button");
+        cancel.type = "button"; cancel.textContent = "Cancel"; cancel.className = "cancel";
+        cancel.addEventListener("click", () => api("/api/jobs/" + job.id, { method: "DELETE" }).then(refresh, showError));
+        li.append(label, bar, cancel);
+        q.append(li);
+      }
+      li.querySelector(".label").textContent = `${job.kind} ${job.id.slice(0, 8)} ${job.state}`;
+    }
     const done = await (await api("/api/jobs?state=done,failed,cancelled&limit=30")).json();
     for (const job of done.reverse()) if (!shown.has(job.id)) await addToGallery(job);
   } catch (e) { showError(e); }
