@@ -281,3 +281,45 @@ def test_serve_refuses_to_expose_without_a_token(tmp_path, capsys) -> None:
     assert main(["serve", "--host", "0.0.0.0", "--home", str(tmp_path)]) == 2
     err = capsys.readouterr().err
     assert "without an auth token" in err and "Traceback" not in err
+
+
+def test_progress_preview_websocket_interrupt_and_skip(client) -> None:
+    slow = client.post(
+        "/api/jobs", json={"prompt": "x", "steps": 150, "seed": 1, "n_iter": 3}
+    ).json()
+    _wait(client, slow["id"], states=("running",))
+    deadline = time.time() + 30
+    while client.get("/sdapi/v1/progress").json()["state"]["sampling_step"] < 2:
+        assert time.time() < deadline
+        time.sleep(0.02)
+    p = client.get("/sdapi/v1/progress").json()
+    assert p["state"]["job"] == slow["id"] and 0 < p["progress"] < 1
+    assert p["current_image"] is not None and _image(p["current_image"]).size[0] > 0
+    assert client.get("/api/preview.png").headers["content-type"] == "image/png"
+    with client.websocket_connect("/api/ws") as ws:
+        event = ws.receive_json()
+        assert event["job"] == slow["id"] and event["steps"] == 150
+    # skip: the first of three batches stops, the job goes on with the next
+    assert client.post("/sdapi/v1/skip").status_code == 200
+    deadline = time.time() + 30
+    while client.get("/sdapi/v1/progress").json()["state"]["job_no"] < 1:
+        assert time.time() < deadline
+        time.sleep(0.02)
+    assert client.post("/sdapi/v1/interrupt").status_code == 200
+    done = _wait(client, slow["id"])
+    assert done["state"] == "cancelled"
+
+
+def test_websocket_needs_the_token(tmp_path, pipeline) -> None:
+    from starlette.websockets import WebSocketDisconnect
+
+    with _client(tmp_path, pipeline, token="s3cret-token") as c:
+        with pytest.raises(WebSocketDisconnect), c.websocket_connect("/api/ws") as ws:
+            ws.receive_json()
+        with c.websocket_connect("/api/ws?token=s3cret-token") as ws:
+            assert ws.receive_json()["job"] is None
+
+
+def test_openapi_schema_is_published(client) -> None:
+    schema = client.get("/openapi.json").json()
+    assert "/api/jobs" in schema["paths"] and "/sdapi/v1/txt2img" in schema["paths"]

@@ -29,7 +29,7 @@ function showError(e) { $("error").textContent = e ? String(e.message || e) : ""
 
 // -- settings <-> form ---------------------------------------------------------------------------
 const NUMBERS = ["steps", "cfg_scale", "seed", "width", "height", "batch_size", "n_iter",
-  "clip_skip", "guidance_rescale", "subseed", "subseed_strength", "denoising_strength"];
+  "clip_skip", "guidance_rescale", "subseed", "subseed_strength", "denoising_strength", "eta"];
 
 function requestFromForm() {
   const req = { prompt: $("prompt").value, negative_prompt: $("negative_prompt").value,
@@ -39,11 +39,21 @@ function requestFromForm() {
     const v = $(k).value;
     if (v !== "") req[k] = Number(v);
   }
+  const resize = $("seed_resize_from").value.trim();
+  if (resize) {
+    const [w, h] = resize.toLowerCase().split("x").map(Number);
+    req.seed_resize_from = [w, h];
+  }
+  if ($("vae").value.trim()) req.vae = $("vae").value.trim();
   if (mode === "txt2img") {
     delete req.denoising_strength;
     if ($("hires_on").checked) {
       req.hires = { scale: Number($("hires_scale").value), upscaler: $("hires_upscaler").value,
         steps: Number($("hires_steps").value), denoising_strength: Number($("hires_denoising").value) };
+      if ($("hires_cfg").value !== "") req.hires.cfg_scale = Number($("hires_cfg").value);
+      if ($("hires_sampler").value) req.hires.sampler = $("hires_sampler").value;
+      if ($("hires_prompt").value) req.hires.prompt = $("hires_prompt").value;
+      if ($("hires_negative").value) req.hires.negative_prompt = $("hires_negative").value;
     }
   } else {
     if (!initImage) throw new Error("load an init image first");
@@ -67,7 +77,11 @@ function fillForm(req) {
   if (req.hires) {
     $("hires_scale").value = req.hires.scale; $("hires_upscaler").value = req.hires.upscaler;
     $("hires_steps").value = req.hires.steps; $("hires_denoising").value = req.hires.denoising_strength;
+    $("hires_cfg").value = req.hires.cfg_scale ?? ""; $("hires_sampler").value = req.hires.sampler ?? "";
+    $("hires_prompt").value = req.hires.prompt ?? ""; $("hires_negative").value = req.hires.negative_prompt ?? "";
   }
+  $("seed_resize_from").value = req.seed_resize_from ? req.seed_resize_from.join("x") : "";
+  $("vae").value = req.vae ?? "";
 }
 
 // A1111 infotext parameters (from /sdapi/v1/png-info) -> request fields
@@ -265,6 +279,7 @@ async function init() {
     $("model").textContent = info.model;
     $("sampler").replaceChildren(...info.samplers.map((s) => new Option(s, s, s === "DPM++ 2M", s === "DPM++ 2M")));
     $("schedule").replaceChildren(new Option("automatic"), ...info.schedules.map((s) => new Option(s)));
+    $("hires_sampler").replaceChildren(new Option("same", ""), ...info.samplers.map((s) => new Option(s, s)));
     showError(null);
     refresh(); connect();
   } catch (e) { showError(e); }
