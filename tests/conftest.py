@@ -22,3 +22,18 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="session")
+def tiny_sd1():
+    """A tiny SD 1.x bundle with random weights (seed 0), shared by the tests that only read it."""
+    from emaki.models.tiny import make_tiny_bundle
+
+    return make_tiny_bundle("sd1", seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_sd1_pipe(tiny_sd1):
+    from emaki.pipelines.txt2img import Pipeline
+
+    return Pipeline(tiny_sd1)

@@ -9,21 +9,19 @@ import torch
 from emaki.adapters.tiling import circular
 from emaki.errors import InvalidRequestError
 from emaki.infotext import parse_infotext
-from emaki.models.tiny import make_tiny_bundle
 from emaki.pipelines.hires import hires_size
-from emaki.pipelines.txt2img import Pipeline
 from emaki.request import GenerationRequest, HiresFix, request_from_params
 from emaki.sampling.noise import SeededNoise, paste_centred, slerp
 
 
 @pytest.fixture(scope="module")
-def bundle():
-    return make_tiny_bundle("sd1", seed=0)
+def bundle(tiny_sd1):
+    return tiny_sd1
 
 
 @pytest.fixture(scope="module")
-def pipe(bundle):
-    return Pipeline(bundle)
+def pipe(tiny_sd1_pipe):
+    return tiny_sd1_pipe
 
 
 def _px(im) -> np.ndarray:

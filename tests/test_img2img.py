@@ -21,13 +21,13 @@ from emaki.request import GenerationRequest, InitImage
 
 
 @pytest.fixture(scope="module")
-def bundle():
-    return make_tiny_bundle("sd1", seed=0)
+def bundle(tiny_sd1):
+    return tiny_sd1
 
 
 @pytest.fixture(scope="module")
-def pipe(bundle):
-    return Pipeline(bundle)
+def pipe(tiny_sd1_pipe):
+    return tiny_sd1_pipe
 
 
 def _image(size: int = 64, seed: int = 3) -> Image.Image:
@@ -360,22 +360,3 @@ def test_cli_batch_folder_and_loopback(model_dir, tmp_path, capsys) -> None:
     written = capsys.readouterr().out.strip().splitlines()
     assert len(written) == 4  # 2 images x (1 + 1 loopback)
     assert len(list(out.glob("*.png"))) == 4
-
-
-@pytest.mark.parametrize(
-    ("extra", "needle"),
-    [
-        (["--mask", "m.png"], "--mask needs --init"),
-        (["--loopback", "2"], "--loopback needs --init"),
-        (["--init", "missing.png"], "missing.png"),
-        (["--hires-upscaler", "ESRGAN"], "unknown hires upscaler"),
-    ],
-)
-def test_cli_bad_img2img_input_is_one_line(model_dir, tmp_path, capsys, extra, needle) -> None:
-    from emaki.cli import main
-
-    code = main(
-        ["generate", "x", "--model", str(model_dir), "--steps", "2", "--out", str(tmp_path), *extra]
-    )
-    err = capsys.readouterr().err
-    assert code == 2 and needle in err and "Traceback" not in err

@@ -151,6 +151,10 @@ def test_cli_generate_then_recreate_from_image_bit_exactly(model_dir, tmp_path, 
         (["--width", "100"], "width 100 is not a multiple of 8"),
         (["--steps", "0"], "steps must be between 1 and"),
         (["--schedule", "zigzag"], "unknown schedule 'zigzag'; accepted:"),
+        (["--mask", "m.png"], "--mask needs --init"),
+        (["--loopback", "2"], "--loopback needs --init"),
+        (["--init", "missing.png"], "missing.png"),
+        (["--hires-upscaler", "ESRGAN"], "unknown hires upscaler"),
     ],
 )
 def test_cli_bad_input_is_one_clear_line(model_dir, tmp_path, capsys, extra, needle) -> None:
