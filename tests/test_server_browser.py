@@ -135,3 +135,70 @@ def test_cancel_a_queued_job_from_the_queue(server, browser) -> None:
     running = f'#queue li[data-job="{slow["id"]}"] button.cancel'
     wait.until(lambda b: b.find_element(By.CSS_SELECTOR, running)).click()
     wait.until(lambda b: _get(server, f"/api/jobs/{slow['id']}")["state"] == "cancelled")
+
+
+def test_inpaint_with_a_mask_painted_in_the_browser(server, browser, tmp_path) -> None:
+    from PIL import Image
+    from selenium.webdriver.common.action_chains import ActionChains
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    init = tmp_path / "init.png"
+    Image.new("RGB", (64, 64), (20, 90, 200)).save(init)
+    browser.get(server + "/")
+    wait = WebDriverWait(browser, 60)
+    wait.until(lambda b: b.find_element(By.ID, "sampler").find_elements(By.TAG_NAME, "option"))
+    browser.find_element(By.ID, "tab-img2img").click()
+    browser.find_element(By.ID, "init_file").send_keys(str(init))
+    wait.until(lambda b: b.execute_script("return initImage && initImage.naturalWidth") == 64)
+    canvas = browser.find_element(By.ID, "mask_canvas")
+    # paint a stroke across the middle of the 256 px canvas (the middle of the 64 px image)
+    ActionChains(browser).move_to_element_with_offset(
+        canvas, -40, 0
+    ).click_and_hold().move_by_offset(80, 0).release().perform()
+    browser.find_element(By.ID, "prompt").send_keys("a yellow stripe")
+    steps = browser.find_element(By.ID, "steps")
+    steps.clear()
+    steps.send_keys("3")
+    before = len(browser.find_elements(By.CSS_SELECTOR, "#gallery .card"))
+    browser.find_element(By.ID, "generate").click()
+    wait.until(lambda b: len(b.find_elements(By.CSS_SELECTOR, "#gallery .card")) > before)
+    info = browser.find_element(By.CSS_SELECTOR, "#gallery .card .infotext").text
+    assert info.startswith("a yellow stripe") and "Mask blur: 4" in info
+    assert browser.find_element(By.ID, "error").text == ""
+    jobs = _get(server, "/api/jobs?state=done")
+    result = jobs[-1]["result"]
+    png = urllib.request.urlopen(server + "/api/outputs/" + result["images"][0]).read()
+    from io import BytesIO
+
+    out = Image.open(BytesIO(png)).convert("RGB")
+    assert out.getpixel((2, 2)) == (20, 90, 200)  # far from the stroke: untouched
+    assert out.getpixel((32, 32)) != (20, 90, 200)  # under the stroke: repainted
+    browser.save_screenshot(str(SHOTS / "inpaint.png"))
+
+
+def test_drop_a_png_to_read_its_parameters(server, browser) -> None:
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    done = _get(server, "/api/jobs?state=done")[0]
+    png = urllib.request.urlopen(server + "/api/outputs/" + done["result"]["images"][0]).read()
+    browser.get(server + "/")
+    wait = WebDriverWait(browser, 60)
+    wait.until(lambda b: b.find_element(By.ID, "sampler").find_elements(By.TAG_NAME, "option"))
+    # a synthetic drop event carrying the PNG as a File, as a drag from the desktop would
+    import base64
+
+    browser.execute_script(
+        """
+        const bytes = Uint8Array.from(atob(arguments[0]), c => c.charCodeAt(0));
+        const file = new File([bytes], "dropped.png", {type: "image/png"});
+        const dt = new DataTransfer(); dt.items.add(file);
+        document.getElementById("drop").dispatchEvent(new DragEvent("drop", {dataTransfer: dt, bubbles: true}));
+        """,
+        base64.b64encode(png).decode(),
+    )
+    wait.until(lambda b: b.find_element(By.ID, "dropped").text.strip() != "")
+    assert "Seed:" in browser.find_element(By.ID, "dropped").text
+    seed = str(done["result"]["seeds"][0])
+    assert browser.find_element(By.ID, "seed").get_attribute("value") == seed

@@ -135,18 +135,20 @@ function loadInit(file) {
 }
 function setupPainting() {
   const m = $("mask_canvas"), ctx = m.getContext("2d");
-  let down = false;
+  let last = null; // the previous point of the stroke: segments join points, so fast moves leave no gaps
+  const point = (e) => { const r = m.getBoundingClientRect(); return [e.clientX - r.left, e.clientY - r.top]; };
   const paint = (e) => {
-    if (!down) return;
-    const r = m.getBoundingClientRect();
-    ctx.fillStyle = "rgba(255, 40, 40, 1)";
-    ctx.beginPath();
-    ctx.arc(e.clientX - r.left, e.clientY - r.top, Number($("brush").value) / 2, 0, 2 * Math.PI);
-    ctx.fill();
+    if (!last) return;
+    const p = point(e);
+    ctx.strokeStyle = "rgba(255, 40, 40, 1)";
+    ctx.lineWidth = Number($("brush").value);
+    ctx.lineCap = "round";
+    ctx.beginPath(); ctx.moveTo(...last); ctx.lineTo(...p); ctx.stroke();
+    last = p;
   };
-  m.addEventListener("pointerdown", (e) => { down = true; paint(e); });
+  m.addEventListener("pointerdown", (e) => { last = point(e); paint(e); });
   m.addEventListener("pointermove", paint);
-  window.addEventListener("pointerup", () => { down = false; });
+  window.addEventListener("pointerup", (e) => { if (last) paint(e); last = null; });
   $("clear_mask").addEventListener("click", () => ctx.clearRect(0, 0, m.width, m.height));
   $("init_file").addEventListener("change", (e) => e.target.files[0] && loadInit(e.target.files[0]));
 }
