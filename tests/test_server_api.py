@@ -227,6 +227,8 @@ def _bomb_png(width: int = 100_000, height: int = 100_000) -> str:
         ("/api/jobs", {"prompt": "x", "bogus": 1}, 400, "unknown request fields"),
         ("/api/jobs", {"prompt": "x", "init": {"image": "x", "path": "/etc/passwd"}}, 400, "init"),
         ("/api/jobs", ["not", "an", "object"], 400, "JSON object"),
+        ("/api/jobs", {"prompt": "x", "vae": "../../etc/passwd"}, 400, "passwd"),
+        ("/api/jobs", {"prompt": "x <lora:../../secret:1>"}, 400, "secret"),
     ],
 )
 def test_bad_requests_are_4xx_with_a_message(client, route, body, status, needle) -> None:
@@ -299,6 +301,7 @@ def test_progress_preview_websocket_interrupt_and_skip(client) -> None:
     with client.websocket_connect("/api/ws") as ws:
         event = ws.receive_json()
         assert event["job"] == slow["id"] and event["steps"] == 150
+        assert _image(event["preview"]).size == (8, 8)  # the latent's size: a cheap preview
     # skip: the first of three batches stops, the job goes on with the next
     assert client.post("/sdapi/v1/skip").status_code == 200
     deadline = time.time() + 30

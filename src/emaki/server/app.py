@@ -206,6 +206,10 @@ def create_app(config: ServerConfig, pipeline: Any) -> FastAPI:
                 p = worker.snapshot()
                 if p.version != seen:
                     seen = p.version
+                    preview = None
+                    if p.latent is not None:  # a small PNG of the current x0 estimate
+                        image = await asyncio.to_thread(worker.preview)
+                        preview = _png_b64(image) if image is not None else None
                     await ws.send_json(
                         {
                             "job": p.job,
@@ -215,6 +219,7 @@ def create_app(config: ServerConfig, pipeline: Any) -> FastAPI:
                             "iterations": p.iterations,
                             "fraction": p.fraction(),
                             "counts": store.counts(),
+                            "preview": preview,
                         }
                     )
                 await asyncio.sleep(0.1)
@@ -294,9 +299,7 @@ def create_app(config: ServerConfig, pipeline: Any) -> FastAPI:
         if not skip_current_image and p.latent is not None:
             image = await asyncio.to_thread(worker.preview)
             if image is not None:
-                buf = io.BytesIO()
-                image.save(buf, format="PNG")
-                current = base64.b64encode(buf.getvalue()).decode()
+                current = _png_b64(image)
         fraction = p.fraction()
         elapsed = max(0.0, __import__("time").time() - p.started) if p.job else 0.0
         eta = elapsed / fraction - elapsed if fraction > 0 else 0.0
@@ -431,6 +434,12 @@ def create_app(config: ServerConfig, pipeline: Any) -> FastAPI:
             return HTMLResponse((static / "index.html").read_text(encoding="utf-8"))
 
     return app
+
+
+def _png_b64(image: Any) -> str:
+    buf = io.BytesIO()
+    image.save(buf, format="PNG")
+    return base64.b64encode(buf.getvalue()).decode()
 
 
 def _model_title(pipeline: Any) -> str:

@@ -218,12 +218,10 @@ function connect() {
     if (p.job) {
       const bar = $("progress-" + p.job);
       if (bar) bar.value = p.fraction;
-      if (p.step && p.step !== last) {
+      if (p.preview && p.step !== last) {
         last = p.step;
-        try {
-          const r = await api("/api/preview.png");
-          if (r.status === 200) { $("preview").src = URL.createObjectURL(await r.blob()); $("preview").hidden = false; }
-        } catch (e) { /* the job may have finished */ }
+        $("preview").src = "data:image/png;base64," + p.preview;
+        $("preview").hidden = false;
       }
     }
     if (!p.job) $("preview").hidden = true;
