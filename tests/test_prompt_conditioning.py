@@ -205,6 +205,32 @@ def test_text_encoder_runs_once_per_distinct_text(bundle) -> None:
     assert calls == [5]  # one batched call for 5 distinct texts, not one per step
 
 
+def test_chunks_shared_by_scheduled_texts_are_encoded_once(bundle, enc) -> None:
+    """A long prompt whose edit sits in its last chunk: its variants share the first chunks."""
+    calls: list[int] = []
+    model = bundle.text_encoder
+    long = ", ".join(f"word{i}" for i in range(90))  # two full chunks and more
+    prompt = f"{long}, [red|green|blue] apple"
+    handle = model.register_forward_hook(lambda m, i, o: calls.append(i[0].shape[0]))
+    try:
+        encoded = encode_prompts(enc, prompt, "", 20)
+    finally:
+        handle.remove()
+    chunks = [c for t in encoded.tokens.values() for c in t.ids]
+    assert len(encoded.tokens) == 4 and len(chunks) > len(set(chunks))
+    assert calls == [len(set(chunks))]  # one call, each distinct chunk once
+    # and the result equals encoding each text on its own
+    for text, tokens in encoded.tokens.items():
+        alone = enc.encode_weighted([tokens])[0].context
+        got = encoded.conds.parts[0][1].conds
+        match = [
+            c.context
+            for c in got
+            if c.context.shape == alone.shape and torch.allclose(c.context, alone, atol=1e-5)
+        ]
+        assert match or text == "", text
+
+
 def test_composable_parts_combine_with_their_weights() -> None:
     g = torch.Generator().manual_seed(0)
     eps = {k: torch.randn(4, 8, 8, generator=g) for k in (1.0, 2.0, 3.0, 0.0)}

@@ -176,31 +176,37 @@ class TextEncoder:
     def encode_weighted(
         self, prompts: Sequence[TokenChunks], clip_skip: int = 1, emphasis: str = "Original"
     ) -> list[Conditioning]:
-        """Encode tokenized prompts, applying emphasis; prompts with equal chunk counts batch."""
+        """Encode tokenized prompts, applying emphasis, in one text-encoder call.
+
+        Each 77-token chunk is encoded on its own (its own start and end tokens), so a chunk's
+        states depend only on its ids: every distinct chunk of all the prompts is encoded once.
+        The texts of a prompt-editing schedule differ in a few words, so most of their chunks
+        are shared (a 300-token prompt with 7 scheduled variants encodes about 8 chunks, not
+        28). Emphasis weights and the "Original" mean restoration then apply per occurrence.
+        """
         if emphasis not in EMPHASIS_MODES:
             raise InvalidRequestError(
                 f"unknown emphasis mode {emphasis!r}; choose one of {', '.join(EMPHASIS_MODES)}"
             )
         model = self._model_for_ids()
         device = next(model.parameters()).device
-        out: list[Conditioning | None] = [None] * len(prompts)
-        for count in sorted({len(p.ids) for p in prompts}):
-            idx = [i for i, p in enumerate(prompts) if len(p.ids) == count]
-            flat = torch.tensor([c for i in idx for c in prompts[i].ids], device=device)
-            z = self._hidden_states(flat, clip_skip, model).float()  # [len(idx) * count, L, D]
+        unique = list(dict.fromkeys(c for p in prompts for c in p.ids))
+        row = {c: i for i, c in enumerate(unique)}
+        states = self._hidden_states(torch.tensor(unique, device=device), clip_skip, model)
+        states = states.float()  # [distinct chunks, L, D]
+        out: list[Conditioning] = []
+        for p in prompts:
+            z = states[[row[c] for c in p.ids]]  # [chunks, L, D]
             if emphasis in ("Original", "No norm"):
-                weights = torch.tensor([m for i in idx for m in prompts[i].multipliers])
-                weights = weights.to(z.device)[:, :, None]
+                weights = torch.tensor(p.multipliers, device=z.device)[:, :, None]
                 if emphasis == "Original" and bool((weights != 1).any()):
                     before = z.mean(dim=(1, 2), keepdim=True)
                     z = z * weights
                     z = z * (before / z.mean(dim=(1, 2), keepdim=True))
                 else:
                     z = z * weights
-            z = z.reshape(len(idx), count * z.shape[1], z.shape[-1])
-            for row, i in enumerate(idx):
-                out[i] = Conditioning(z[row : row + 1])
-        return [c for c in out if c is not None]
+            out.append(Conditioning(z.reshape(1, -1, z.shape[-1])))
+        return out
 
     def _placeholder_ids(self) -> dict[str, int]:
         return self._extended_model()[1]
