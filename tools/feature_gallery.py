@@ -99,6 +99,17 @@ def tiling(pipe: Any, base: GenerationRequest) -> list[Cell]:
     return [(repeat(plain), "2x2 of a plain image"), (repeat(tile), "2x2 of a tiling image")]
 
 
+def xyz_plot(pipe: Any, base: GenerationRequest) -> list[Cell]:
+    from emaki.plots.axes import parse_axis
+    from emaki.plots.xyz import run_xyz
+
+    result = run_xyz(
+        lambda r, m: pipe.generate(r), base, parse_axis("CFG Scale: 1, 3, 7"),
+        parse_axis("Sampler: Euler a, DPM++ 2M"),
+    )  # fmt: skip
+    return [(result.sheet, "emaki plot --x 'CFG Scale: 1, 3, 7' --y 'Sampler: Euler a, DPM++ 2M'")]
+
+
 FEATURES: dict[str, Callable[[Any, GenerationRequest], list[Cell]]] = {
     "img2img": txt2img_and_img2img,
     "inpainting": inpainting,
@@ -106,6 +117,7 @@ FEATURES: dict[str, Callable[[Any, GenerationRequest], list[Cell]]] = {
     "hires-fix": hires_fix,
     "variations": variations,
     "tiling": tiling,
+    "xyz-plot": xyz_plot,
 }
 
 

@@ -18,6 +18,7 @@ from emaki.eval import cli as eval_cli
 from emaki.models import cli as models_cli
 from emaki.pipelines import cli as generate_cli
 from emaki.pipelines.cli import add_model_args as _add_model_args  # noqa: F401 (used by helpers)
+from emaki.plots import cli as plots_cli
 from emaki.prompts import cli as prompt_cli
 from emaki.server import cli as server_cli
 from emaki.train import cli as train_cli
@@ -58,6 +59,7 @@ def build_parser() -> argparse.ArgumentParser:
     models_cli.register(sub)
     prompt_cli.register(sub)
     server_cli.register(sub)
+    plots_cli.register(sub)
     return parser
 
 
@@ -140,6 +142,8 @@ COMMANDS = {
     "models": models_cli.run_models,
     "prompt": prompt_cli.run,
     "serve": server_cli.run,
+    "plot": plots_cli.run,
+    "matrix": plots_cli.run,
 }
 
 
