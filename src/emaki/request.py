@@ -78,6 +78,48 @@ class InitImage:
 
 
 @dataclass(frozen=True)
+class RegionPrompt:
+    """A prompt for part of the image (MultiDiffusion region): a pixel box or a mask image."""
+
+    prompt: str
+    box: tuple[int, int, int, int] | None = None  #: (x0, y0, x1, y1) in pixels
+    mask: Image.Image | None = None  #: white = the region
+
+    def validate(self) -> None:
+        if (self.box is None) == (self.mask is None):
+            raise InvalidRequestError("a region prompt needs exactly one of a box or a mask")
+        if self.box is not None and (
+            len(self.box) != 4 or not all(isinstance(v, int) for v in self.box)
+        ):
+            raise InvalidRequestError(
+                f"a region box is four whole numbers x0, y0, x1, y1: {self.box}"
+            )
+
+
+@dataclass(frozen=True)
+class TiledDiffusion:
+    """MultiDiffusion: sample through overlapping windows of the model's size.
+
+    For panoramas and images larger than the model was trained at, and for region prompts.
+    ``window`` and ``stride`` are in pixels (0: the model's native size, and half of it).
+    """
+
+    window: int = 0
+    stride: int = 0
+    regions: tuple[RegionPrompt, ...] = ()
+
+    def validate(self) -> None:
+        _check_int("tile window", self.window, 0, MAX_SIDE)
+        _check_int("tile stride", self.stride, 0, MAX_SIDE)
+        if self.window % 8 or self.stride % 8:
+            raise InvalidRequestError("the tile window and stride must be multiples of 8 pixels")
+        if self.stride and self.window and self.stride > self.window:
+            raise InvalidRequestError("the tile stride must not exceed the window")
+        for region in self.regions:
+            region.validate()
+
+
+@dataclass(frozen=True)
 class HiresFix:
     """A1111's "Hires. fix": a second img2img pass over the upscaled first image.
 
@@ -156,6 +198,7 @@ class GenerationRequest:
     denoising_strength: float = 0.75  #: img2img strength (with ``init``)
     init: InitImage | None = None  #: img2img / inpainting input
     hires: HiresFix | None = None  #: txt2img second pass
+    tiled: TiledDiffusion | None = None  #: MultiDiffusion windows and region prompts
 
     def with_seed(self) -> GenerationRequest:
         """This request with concrete seeds (random ones drawn for ``-1``)."""
@@ -217,6 +260,8 @@ class GenerationRequest:
             self.init.validate()
         if self.hires is not None:
             self.hires.validate()
+        if self.tiled is not None:
+            self.tiled.validate()
         if self.init is not None and self.hires is not None:
             raise InvalidRequestError("hires fix is a txt2img option; img2img takes no hires")
 
@@ -270,9 +315,11 @@ def request_from_params(
             negative_prompt=params.get("Hires negative prompt"),
             cfg_scale=num("Hires CFG Scale", float, None),
         )
+    tiled = _tiled_from_params(params)
     return GenerationRequest(
         prompt=prompt,
         negative_prompt=negative_prompt,
+        tiled=tiled,
         sampler=params.get("Sampler", GenerationRequest.sampler),
         schedule=schedule,
         steps=num("Steps", int, GenerationRequest.steps),
@@ -292,6 +339,30 @@ def request_from_params(
         denoising_strength=strength if strength is not None and hires is None else 0.75,
         hires=hires,
     )
+
+
+def _tiled_from_params(params: dict[str, str]) -> TiledDiffusion | None:
+    """``MultiDiffusion: window W, stride S`` and the regions' JSON, back into settings."""
+    import json
+    import re
+
+    if "MultiDiffusion" not in params:
+        return None
+    m = re.fullmatch(r"window (\d+), stride (\d+)", params["MultiDiffusion"].strip())
+    if m is None:
+        raise InvalidRequestError(
+            f"infotext 'MultiDiffusion' is unreadable: {params['MultiDiffusion']!r}"
+        )
+    regions = ()
+    if "MultiDiffusion regions" in params:
+        try:
+            items = json.loads(params["MultiDiffusion regions"])
+            regions = tuple(
+                RegionPrompt(str(i["prompt"]), box=tuple(int(v) for v in i["box"])) for i in items
+            )
+        except (ValueError, KeyError, TypeError):
+            raise InvalidRequestError("infotext 'MultiDiffusion regions' is unreadable") from None
+    return TiledDiffusion(window=int(m[1]), stride=int(m[2]), regions=regions)  # type: ignore[arg-type]
 
 
 def _size(params: dict[str, str], key: str) -> tuple[int, int] | None:

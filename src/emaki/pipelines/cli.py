@@ -170,6 +170,17 @@ def add_request_args(g: argparse.ArgumentParser) -> None:
         "--outpaint", type=_sides, metavar="L,R,T,B",
         help="extend the --init image by these pixels (multiples of 8) and paint the border",
     )  # fmt: skip
+    md = g.add_argument_group("MultiDiffusion (panoramas, large images, region prompts)")
+    md.add_argument(
+        "--tiled", action="store_true", default=None,
+        help="sample through overlapping windows of the model's size (for sizes beyond it)",
+    )  # fmt: skip
+    md.add_argument("--tile-window", type=int, help="window in pixels (default: native size)")
+    md.add_argument("--tile-stride", type=int, help="stride in pixels (default: half the window)")
+    md.add_argument(
+        "--region", action="append", default=[], metavar="'PROMPT@x0,y0,x1,y1'",
+        help="a prompt for a pixel box (repeatable; implies --tiled)",
+    )  # fmt: skip
     hr = g.add_argument_group("hires fix")
     hr.add_argument("--hires-scale", type=float, help="upscale factor of the second pass")
     hr.add_argument("--hires-resize", type=_size, metavar="WxH", help="second pass size")
@@ -228,12 +239,37 @@ def request_from_args(args: argparse.Namespace) -> GenerationRequest:
     if args.vae_name is not None:
         overrides["vae"] = args.vae_name
     request = replace(request, **overrides)
+    tiled = _tiled_from_args(args, request.tiled)
+    if tiled is not None:
+        request = replace(request, tiled=tiled)
     hires = _hires_from_args(args, request.hires)
     if hires is not None:
         request = replace(request, hires=hires)
     if args.style:
         request = _with_styles(request, args)
     return request
+
+
+def _tiled_from_args(args: argparse.Namespace, tiled: Any) -> Any:
+    from emaki.request import RegionPrompt, TiledDiffusion
+
+    regions = []
+    for spec in args.region:
+        prompt, sep, box = spec.rpartition("@")
+        try:
+            x0, y0, x1, y1 = (int(v) for v in box.split(","))
+        except ValueError:
+            raise EmakiError(f"--region is 'PROMPT@x0,y0,x1,y1', got {spec!r}") from None
+        if not sep:
+            raise EmakiError(f"--region is 'PROMPT@x0,y0,x1,y1', got {spec!r}")
+        regions.append(RegionPrompt(prompt, box=(x0, y0, x1, y1)))
+    if not (args.tiled or regions or args.tile_window or args.tile_stride):
+        return tiled
+    base = tiled or TiledDiffusion()
+    return replace(
+        base, window=args.tile_window or base.window, stride=args.tile_stride or base.stride,
+        regions=tuple(regions) or base.regions,
+    )  # fmt: skip
 
 
 def _hires_from_args(args: argparse.Namespace, hires: HiresFix | None) -> HiresFix | None:

@@ -327,6 +327,7 @@ class Pipeline:
         if init is None and self.inpainting_model(bundle):
             concat = txt2img_conditioning(bundle.vae, self.latent_format, r.width, r.height)
         shape = self.latent_format.latent_shape(r.width, r.height)
+        regions = self.regions(r, text, shape) if req.tiled is not None else ()
         passes = 2 if req.hires is not None else 1
         images: list[Image.Image] = []
         seeds: list[int] = []
@@ -342,7 +343,7 @@ class Pipeline:
                 call = _Call(progress, n * passes, req.n_iter * passes)
                 latents = self.sample(
                     r, bundle, encoded, sigmas, batch_seeds, shape, init=init, concat=concat,
-                    call=call,
+                    call=call, regions=regions,
                 )  # fmt: skip
                 if req.hires is not None:
                     latents = self.hires_pass(r, bundle, text, encoded, latents, batch_seeds, call)
@@ -367,6 +368,7 @@ class Pipeline:
         concat: Tensor | None = None,
         cfg_scale: float | None = None,
         call: _Call | None = None,
+        regions: tuple[Any, ...] = (),
     ) -> Tensor:
         """One batch through the sampler: seeded noise, (init latent,) guidance, steps.
 
@@ -396,6 +398,20 @@ class Pipeline:
         noise = _sampler_noise(r.sampler, seeded, seeds, shape, sigmas, device)
         scheduled = self.denoiser(r, bundle, concat=concat, cfg_scale=cfg_scale)
         denoiser: Any = scheduled
+        if req.tiled is not None:  # MultiDiffusion over windows of the model's size
+            from emaki.sampling.multidiffusion import MultiDiffusion
+
+            down = self.latent_format.downsample
+            win = (req.tiled.window or self.native_size) // down
+            stride = (
+                req.tiled.stride or max(down, req.tiled.window or self.native_size) // 2
+            ) // down
+            denoiser = MultiDiffusion(
+                scheduled,
+                window=(win, win),
+                stride=(max(1, min(stride, win)),) * 2,
+                regions=regions,
+            )
         if keep is not None and start is not None:
             denoiser = MaskedDenoiser(scheduled, start, keep)
         callback = (call or _Call(None, 0, 1)).callback(scheduled)
@@ -406,6 +422,28 @@ class Pipeline:
             keep = keep.to(latents)
             latents = latents * (1 - keep) + start.to(latents) * keep
         return latents
+
+    def regions(self, r: Resolved, text: TextEncoder, shape: tuple[int, ...]) -> tuple[Any, ...]:
+        """Step 3b: each region prompt encoded (with the job's negative) and its latent mask."""
+        import numpy as np
+
+        from emaki.sampling.multidiffusion import Region, box_mask
+
+        tiled = r.request.tiled
+        assert tiled is not None
+        down = self.latent_format.downsample
+        h, w = int(shape[1]), int(shape[2])
+        out = []
+        for region in tiled.regions:
+            if region.box is not None:
+                mask = box_mask(region.box, h, w, down)
+            else:
+                small = region.mask.convert("L").resize((w, h), Image.Resampling.BILINEAR)
+                mask = torch.from_numpy(np.asarray(small, dtype=np.float32) / 255.0)
+            prompt, _ = extract_extra_networks(strip_comments(region.prompt))
+            conds = self.conditioning(r, text, prompts=(prompt, r.negative_prompt)).conds
+            out.append(Region(conds, mask))
+        return tuple(out)
 
     def hires_pass(
         self,
@@ -487,6 +525,7 @@ class Pipeline:
             "TI hashes": ", ".join(f"{n}: {library.get(n).hash}" for n in ti) if library else None,
             **_init_params(req),
             **_hires_params(req),
+            **_tiled_params(req, self.native_size),
             "Version": f"emaki {__version__}",
         }
         prompt = strip_comments(req.prompt)
@@ -546,6 +585,21 @@ def _init_params(req: GenerationRequest) -> dict[str, object]:
         params["Inpaint area"] = "Only masked"
         params["Masked area padding"] = init.inpaint_full_res_padding
     return params
+
+
+def _tiled_params(req: GenerationRequest, native: int) -> dict[str, object]:
+    """MultiDiffusion settings; region prompts as JSON so ``--from`` can read them back."""
+    t = req.tiled
+    if t is None:
+        return {}
+    import json
+
+    window = t.window or native
+    regions = [{"prompt": g.prompt, "box": list(g.box)} for g in t.regions if g.box is not None]
+    return {
+        "MultiDiffusion": f"window {window}, stride {t.stride or window // 2}",
+        "MultiDiffusion regions": json.dumps(regions) if regions else None,
+    }
 
 
 def _hires_params(req: GenerationRequest) -> dict[str, object]:

@@ -20,7 +20,7 @@ from PIL import Image
 
 from emaki.errors import InvalidRequestError
 from emaki.imageio import decode_image, png_bytes, read_image, write_atomic
-from emaki.request import GenerationRequest, HiresFix, InitImage
+from emaki.request import GenerationRequest, HiresFix, InitImage, RegionPrompt, TiledDiffusion
 
 _NAME = re.compile(r"^[0-9a-f]{64}\.png$")
 
@@ -80,6 +80,12 @@ def request_to_payload(request: GenerationRequest, uploads: Uploads) -> dict[str
             init[key] = uploads.put(image) if image is not None else None
     if data.get("seed_resize_from") is not None:
         data["seed_resize_from"] = list(data["seed_resize_from"])
+    if request.tiled is not None:
+        data["tiled"]["regions"] = [
+            {"prompt": g.prompt, "box": list(g.box) if g.box is not None else None,
+             "mask": uploads.put(g.mask) if g.mask is not None else None}
+            for g in request.tiled.regions
+        ]  # fmt: skip
     return data
 
 
@@ -88,6 +94,7 @@ def request_from_payload(data: dict[str, Any], uploads: Uploads) -> GenerationRe
     data = dict(data)
     init = data.pop("init", None)
     hires = data.pop("hires", None)
+    tiled = data.pop("tiled", None)
     known = {f.name for f in fields(GenerationRequest)}
     unknown = set(data) - known
     if unknown:
@@ -103,6 +110,18 @@ def request_from_payload(data: dict[str, Any], uploads: Uploads) -> GenerationRe
         request = _replace(request, init=InitImage(**init))
     if hires is not None:
         request = _replace(request, hires=HiresFix(**hires))
+    if tiled is not None:
+        if not isinstance(tiled, dict):
+            raise InvalidRequestError("tiled must be an object")
+        regions = []
+        for g in tiled.get("regions") or ():
+            if not isinstance(g, dict):
+                raise InvalidRequestError("each region is an object with a prompt and a box")
+            box = tuple(g["box"]) if g.get("box") is not None else None
+            mask = uploads.get(g["mask"]) if g.get("mask") is not None else None
+            regions.append(RegionPrompt(str(g.get("prompt", "")), box=box, mask=mask))
+        rest = {k: v for k, v in tiled.items() if k != "regions"}
+        request = _replace(request, tiled=TiledDiffusion(**rest, regions=tuple(regions)))
     return request
 
 
