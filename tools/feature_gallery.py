@@ -110,6 +110,17 @@ def xyz_plot(pipe: Any, base: GenerationRequest) -> list[Cell]:
     return [(result.sheet, "emaki plot --x 'CFG Scale: 1, 3, 7' --y 'Sampler: Euler a, DPM++ 2M'")]
 
 
+def panorama(pipe: Any, base: GenerationRequest) -> list[Cell]:
+    from emaki.request import RegionPrompt, TiledDiffusion
+
+    wide = replace(base, width=256, height=64, tiled=TiledDiffusion())
+    sky = TiledDiffusion(regions=(RegionPrompt("blue square, twemoji style", box=(0, 0, 64, 32)),))
+    return [
+        (pipe.generate(wide).images[0], "256x64, --tiled"),
+        (pipe.generate(replace(wide, tiled=sky)).images[0], "with a region prompt top left"),
+    ]
+
+
 FEATURES: dict[str, Callable[[Any, GenerationRequest], list[Cell]]] = {
     "img2img": txt2img_and_img2img,
     "inpainting": inpainting,
@@ -118,6 +129,7 @@ FEATURES: dict[str, Callable[[Any, GenerationRequest], list[Cell]]] = {
     "variations": variations,
     "tiling": tiling,
     "xyz-plot": xyz_plot,
+    "panorama": panorama,
 }
 
 
