@@ -406,14 +406,21 @@ class Pipeline:
             stride = (
                 req.tiled.stride or max(down, req.tiled.window or self.native_size) // 2
             ) // down
+            if concat is not None:
+                raise InvalidRequestError(
+                    "MultiDiffusion (tiled) does not work with inpainting models: their extra "
+                    "input channels cover the whole image, not one window"
+                )
+            window = (min(win, int(shape[1])), min(win, int(shape[2])))  # small sides: one window
+            stride = max(1, stride)
             denoiser = MultiDiffusion(
                 scheduled,
-                window=(win, win),
-                stride=(max(1, min(stride, win)),) * 2,
+                window=window,
+                stride=(min(stride, window[0]), min(stride, window[1])),
                 regions=regions,
             )
         if keep is not None and start is not None:
-            denoiser = MaskedDenoiser(scheduled, start, keep)
+            denoiser = MaskedDenoiser(denoiser, start, keep)
         callback = (call or _Call(None, 0, 1)).callback(scheduled)
         latents = r.sampler(
             denoiser, x, sigmas, cond=encoded.conds, noise=noise, callback=callback, **r.options
@@ -423,11 +430,12 @@ class Pipeline:
             latents = latents * (1 - keep) + start.to(latents) * keep
         return latents
 
-    def regions(self, r: Resolved, text: TextEncoder, shape: tuple[int, ...]) -> tuple[Any, ...]:
-        """Step 3b: each region prompt encoded (with the job's negative) and its latent mask."""
-        import numpy as np
-
-        from emaki.sampling.multidiffusion import Region, box_mask
+    def regions(
+        self, r: Resolved, text: TextEncoder, shape: tuple[int, ...], scale: float = 1.0
+    ) -> tuple[Any, ...]:
+        """Step 3b: each region prompt encoded (with the job's negative) and its latent mask;
+        ``scale`` (hires pass) scales the boxes and mask images from the first pass's size."""
+        from emaki.sampling.multidiffusion import Region, box_mask, image_mask
 
         tiled = r.request.tiled
         assert tiled is not None
@@ -436,10 +444,12 @@ class Pipeline:
         out = []
         for region in tiled.regions:
             if region.box is not None:
-                mask = box_mask(region.box, h, w, down)
+                mask = box_mask(tuple(v * scale for v in region.box), h, w, down)
             else:
-                small = region.mask.convert("L").resize((w, h), Image.Resampling.BILINEAR)
-                mask = torch.from_numpy(np.asarray(small, dtype=np.float32) / 255.0)
+                image = region.mask
+                if scale != 1.0:
+                    image = image.resize((w * down, h * down), Image.Resampling.BILINEAR)
+                mask = image_mask(image, h, w, down)
             prompt, _ = extract_extra_networks(strip_comments(region.prompt))
             conds = self.conditioning(r, text, prompts=(prompt, r.negative_prompt)).conds
             out.append(Region(conds, mask))
@@ -484,10 +494,13 @@ class Pipeline:
         concat = None
         if self.inpainting_model(bundle):
             concat = txt2img_conditioning(bundle.vae, fmt, w, h)
+        regions: tuple[Any, ...] = ()
+        if r.request.tiled is not None and r.request.tiled.regions:
+            regions = self.regions(hr_r, text, tuple(start.shape[1:]), w / r.width)
         call.advance()
         return self.sample(
             hr_r, bundle, encoded, sigmas, seeds, tuple(start.shape[1:]), start=start,
-            concat=concat, cfg_scale=hr.cfg_scale, call=call,
+            concat=concat, cfg_scale=hr.cfg_scale, call=call, regions=regions,
         )  # fmt: skip
 
     def infotext(
