@@ -30,9 +30,16 @@ from emaki.pipelines.img2img import (
     prepare_init,
     txt2img_conditioning,
 )
+from emaki.pipelines.params import (
+    denoising,
+    hires_params,
+    init_params,
+    seed_params,
+    tiled_params,
+)
 from emaki.prompts.encode import EncodedPrompt, ScheduledGuidance, encode_prompts
 from emaki.prompts.grammar import ExtraNetworkCall, extract_extra_networks, strip_comments
-from emaki.request import MASKED_CONTENT, RESIZE_MODES, GenerationRequest
+from emaki.request import GenerationRequest
 from emaki.sampling.brownian import BrownianNoise
 from emaki.sampling.denoisers import DiscreteDenoiser, DiscreteSchedule
 from emaki.sampling.guidance import CFGDenoiser
@@ -526,8 +533,8 @@ class Pipeline:
             "Model": b.name,
             "VAE hash": b.vae_hash,
             "VAE": b.vae_name,
-            **_seed_params(req, r),
-            "Denoising strength": _denoising(req),
+            **seed_params(req, r.width, r.height),
+            "Denoising strength": denoising(req),
             "Clip skip": req.clip_skip if req.clip_skip > 1 else None,
             "Tiling": True if req.tiling else None,
             "Eta": r.options.get("eta"),
@@ -536,9 +543,9 @@ class Pipeline:
             "Emphasis": req.emphasis if req.emphasis != "Original" else None,
             "Lora hashes": ", ".join(f"{f.name}: {f.hash}" for f, _, _ in r.adapters.loras) or None,
             "TI hashes": ", ".join(f"{n}: {library.get(n).hash}" for n in ti) if library else None,
-            **_init_params(req),
-            **_hires_params(req),
-            **_tiled_params(req, self.native_size),
+            **init_params(req),
+            **hires_params(req),
+            **tiled_params(req, self.native_size),
             "Version": f"emaki {__version__}",
         }
         prompt = strip_comments(req.prompt)
@@ -559,80 +566,6 @@ def _sampler_noise(
         return seeded
     lo, hi = float(positive.min()), float(positive.max())
     return BrownianNoise(seeds, shape, lo, hi, device=device)
-
-
-def _seed_params(req: GenerationRequest, r: Resolved) -> dict[str, object]:
-    params: dict[str, object] = {}
-    if req.subseed_strength > 0:
-        params["Variation seed"] = req.subseed
-        params["Variation seed strength"] = req.subseed_strength
-    if req.seed_resize_from is not None and req.seed_resize_from != (r.width, r.height):
-        params["Seed resize from"] = "{}x{}".format(*req.seed_resize_from)
-    return params
-
-
-def _denoising(req: GenerationRequest) -> float | None:
-    if req.hires is not None:
-        return req.hires.denoising_strength
-    return req.denoising_strength if req.init is not None else None
-
-
-def _init_params(req: GenerationRequest) -> dict[str, object]:
-    """A1111's img2img/inpainting infotext keys (the init image itself is not recorded)."""
-    init = req.init
-    if init is None:
-        return {}
-    params: dict[str, object] = {}
-    if init.resize_mode != 0:
-        params["Resize mode"] = RESIZE_MODES[init.resize_mode]
-    if init.initial_noise_multiplier != 1.0:
-        params["Noise multiplier"] = init.initial_noise_multiplier
-    if init.mask is None:
-        return params
-    params["Mask blur"] = init.mask_blur
-    if init.inpainting_mask_invert:
-        params["Mask mode"] = "Inpaint not masked"
-    if init.inpainting_fill != 1:
-        params["Masked content"] = MASKED_CONTENT[init.inpainting_fill]
-    if init.inpaint_full_res:
-        params["Inpaint area"] = "Only masked"
-        params["Masked area padding"] = init.inpaint_full_res_padding
-    return params
-
-
-def _tiled_params(req: GenerationRequest, native: int) -> dict[str, object]:
-    """MultiDiffusion settings; region prompts as JSON so ``--from`` can read them back."""
-    t = req.tiled
-    if t is None:
-        return {}
-    import json
-
-    window = t.window or native
-    regions = [{"prompt": g.prompt, "box": list(g.box)} for g in t.regions if g.box is not None]
-    return {
-        "MultiDiffusion": f"window {window}, stride {t.stride or window // 2}",
-        "MultiDiffusion regions": json.dumps(regions) if regions else None,
-    }
-
-
-def _hires_params(req: GenerationRequest) -> dict[str, object]:
-    hr = req.hires
-    if hr is None:
-        return {}
-    resize = hr.resize_x or hr.resize_y
-    return {
-        "Hires upscale": None if resize else hr.scale,
-        "Hires resize": f"{hr.resize_x}x{hr.resize_y}" if resize else None,
-        "Hires steps": hr.steps or None,
-        "Hires upscaler": hr.upscaler,
-        "Hires sampler": hr.sampler,
-        "Hires schedule type": hr.schedule,
-        "Hires CFG Scale": hr.cfg_scale,
-        "Hires prompt": hr.prompt if hr.prompt not in (None, req.prompt) else None,
-        "Hires negative prompt": (
-            hr.negative_prompt if hr.negative_prompt not in (None, req.negative_prompt) else None
-        ),
-    }
 
 
 class _Call:
