@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
 import torch.nn.functional as F
 from diffusers import AutoencoderKL
 from PIL import Image
@@ -78,16 +79,10 @@ def upscale_latents(
         )
         images = [im.resize((w, h), resample) for im in to_pil(decode(vae, latents, fmt))]
         pixels = [from_pil(im) for im in images]
-        out = encode(vae, _cat(pixels), fmt, mean=True)
+        out = encode(vae, torch.cat(pixels), fmt, mean=True)
     tx, ty = size.truncate
     if tx or ty:
         out = out[
             :, :, ty // 2 : out.shape[2] - (ty + 1) // 2, tx // 2 : out.shape[3] - (tx + 1) // 2
         ]
     return out
-
-
-def _cat(parts: list[Tensor]) -> Tensor:
-    import torch
-
-    return torch.cat(parts)

@@ -15,6 +15,7 @@ import binascii
 import io
 import re
 import secrets
+import time
 from collections.abc import Awaitable, Callable
 from contextlib import asynccontextmanager
 from importlib import resources
@@ -31,7 +32,7 @@ from emaki.errors import EmakiError, InvalidRequestError
 from emaki.request import GenerationRequest
 from emaki.server import a1111
 from emaki.server.config import ServerConfig
-from emaki.server.jobs import FINAL, JobStore
+from emaki.server.jobs import FINAL, STATES, JobStore
 from emaki.server.payload import Uploads, request_to_payload
 from emaki.server.worker import Worker
 
@@ -136,11 +137,7 @@ def create_app(config: ServerConfig, pipeline: Any) -> FastAPI:
 
     @app.get("/api/jobs")
     async def list_jobs(state: str | None = None, limit: int = 100) -> list[dict[str, Any]]:
-        states = (
-            tuple(state.split(","))
-            if state
-            else tuple(("queued", "running", "done", "failed", "cancelled", "interrupted"))
-        )
+        states = tuple(state.split(",")) if state else STATES
         return [j.public() for j in store.list(states, min(max(limit, 1), 1000))]
 
     @app.get("/api/jobs/{job_id}")
@@ -301,7 +298,7 @@ def create_app(config: ServerConfig, pipeline: Any) -> FastAPI:
             if image is not None:
                 current = _png_b64(image)
         fraction = p.fraction()
-        elapsed = max(0.0, __import__("time").time() - p.started) if p.job else 0.0
+        elapsed = max(0.0, time.time() - p.started) if p.job else 0.0
         eta = elapsed / fraction - elapsed if fraction > 0 else 0.0
         return {
             "progress": fraction,
