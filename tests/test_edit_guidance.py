@@ -365,3 +365,82 @@ def test_mask_to_images() -> None:
     assert (arr[8:16, 16:24] == 255).all() and arr.sum() == 255 * 64
     assert np.asarray(images[1]).max() == 0
     assert isinstance(images[0], Image.Image)
+
+
+def test_pipeline_sag_matches_diffusers_and_records_infotext(bundle) -> None:
+    """``sag_scale`` through the whole txt2img job: the same image as diffusers' SAG pipeline."""
+    import numpy as np
+
+    from emaki.infotext import parse_infotext
+    from emaki.pipelines.txt2img import Pipeline
+    from emaki.request import GenerationRequest, request_from_params
+
+    pipe = Pipeline(bundle)
+    req = GenerationRequest(
+        prompt="a cat on a sofa", sampler="DDIM", steps=STEPS, cfg_scale=7.5, seed=4,
+        width=64, height=64, sag_scale=0.75,
+    )  # fmt: skip
+    res = pipe.generate(req)
+    plain = pipe.generate(GenerationRequest(**{**req.__dict__, "sag_scale": 0.0})).images[0]
+    ref = StableDiffusionSAGPipeline(
+        vae=bundle.vae, text_encoder=bundle.text_encoder, tokenizer=bundle.tokenizer,
+        unet=share_clone(bundle.unet), scheduler=_ddim(bundle), safety_checker=None,
+        feature_extractor=None, requires_safety_checker=False,
+    )  # fmt: skip
+    ref.set_progress_bar_config(disable=True)
+    s0 = float(make_sigmas(DiscreteSchedule(bundle.alphas_cumprod), "ddim_uniform", STEPS)[0])
+    noise = _noise((1, 4, 8, 8), seed=4)
+    theirs = ref(
+        "a cat on a sofa", num_inference_steps=STEPS, guidance_scale=7.5, sag_scale=0.75,
+        latents=noise * s0 / (1 + s0**2) ** 0.5, output_type="pil", height=64, width=64,
+    ).images[0]  # fmt: skip
+    ours = np.asarray(res.images[0], dtype=np.int16)
+    assert np.abs(ours - np.asarray(theirs, dtype=np.int16)).max() <= 1
+    assert np.abs(ours - np.asarray(plain, dtype=np.int16)).max() > 3, "SAG had no effect"
+    info = parse_infotext(res.infotexts[0])
+    assert info.params["SAG Guidance Scale"] == "0.75"
+    assert request_from_params(info.prompt, info.negative_prompt, info.params).sag_scale == 0.75
+    with pytest.raises(InvalidRequestError, match="self-attention guidance scale"):
+        pipe.generate(GenerationRequest(prompt="x", sag_scale=-1.0))
+
+
+def test_pipeline_diffedit_inpaints_where_the_prompts_differ(bundle) -> None:
+    """An init image with a source prompt and no mask: DiffEdit's mask, then ordinary inpainting
+    (pixels outside the mask kept exactly); identical prompts are a clear error."""
+    import numpy as np
+
+    from emaki.infotext import parse_infotext
+    from emaki.pipelines.txt2img import Pipeline
+    from emaki.request import GenerationRequest, InitImage
+
+    pipe = Pipeline(bundle)
+    image = pipe.generate(
+        GenerationRequest(prompt="a cat on a sofa", steps=4, seed=1, width=64, height=64)
+    ).images[0]
+    init = InitImage(image, diffedit_source="a cat on a sofa", mask_blur=0)
+    req = GenerationRequest(
+        prompt="a dog on a sofa", init=init, denoising_strength=0.8, steps=6, seed=2,
+        sampler="Euler", cfg_scale=7.0,
+    )  # fmt: skip
+    res = pipe.generate(req)
+    r = pipe.resolve(req)
+    b, text = pipe.adapted(r)
+    mask = pipe.diffedit(r, b, text, pipe.conditioning(r, text)).request.init.mask
+    m = np.asarray(mask) > 127
+    assert 0 < m.mean() < 1, "the mask should cover part of the image"
+    out, src = np.asarray(res.images[0]), np.asarray(image)
+    assert np.array_equal(out[~m], src[~m])
+    assert not np.array_equal(out[m], src[m])
+    same = pipe.generate(
+        GenerationRequest(**{**req.__dict__, "init": InitImage(image, mask=mask, mask_blur=0)})
+    )
+    assert np.array_equal(np.asarray(same.images[0]), out)
+    assert parse_infotext(res.infotexts[0]).params["DiffEdit source"] == "a cat on a sofa"
+    with pytest.raises(InvalidRequestError, match="DiffEdit found nothing to change"):
+        pipe.generate(GenerationRequest(**{**req.__dict__, "prompt": "a cat on a sofa"}))
+    with pytest.raises(InvalidRequestError, match="not both"):
+        pipe.generate(
+            GenerationRequest(
+                **{**req.__dict__, "init": InitImage(image, mask=mask, diffedit_source="x")}
+            )
+        )

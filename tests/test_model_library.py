@@ -84,7 +84,7 @@ def test_listing_names_sizes_and_order(root):
 def test_unknown_kind(root):
     with pytest.raises(EmakiError, match="unknown model kind 'loras'"):
         list_models("loras", root)
-    assert set(KINDS) == {"checkpoints", "vae", "lora", "embeddings", "hypernetworks"}
+    assert set(KINDS) == {"checkpoints", "vae", "lora", "embeddings", "hypernetworks", "controlnet"}
 
 
 def test_find_exact_stem_and_suffix(root):

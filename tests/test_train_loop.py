@@ -168,12 +168,14 @@ def test_sigterm_stops_after_the_step_with_a_checkpoint(dataset: Path, tmp_path:
 def test_changed_recipe_refuses_to_continue_a_run(dataset: Path, tmp_path: Path) -> None:
     run = tmp_path / "r"
     train(parse_recipe(_recipe(dataset, run, steps=2)), progress=False)
-    # More steps is fine...
+    # More steps is fine, and so are other thread counts...
     assert train(parse_recipe(_recipe(dataset, run, steps=3)), progress=False).step == 3
+    threads = _recipe(dataset, run, steps=4).replace("[train]", "[train]\nthreads = 1")
+    assert train(parse_recipe(threads), progress=False).step == 4
     # ...a different model is not.
     with pytest.raises(TrainingError, match="different recipe"):
         train(
-            parse_recipe(_recipe(dataset, run, steps=4).replace("[8, 16]", "[8, 8]")),
+            parse_recipe(_recipe(dataset, run, steps=5).replace("[8, 16]", "[8, 8]")),
             progress=False,
         )
 

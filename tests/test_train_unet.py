@@ -148,3 +148,28 @@ def test_min_snr_weights_match_the_definition_and_diffusers_snr() -> None:
     assert torch.allclose(v, torch.minimum(snr, torch.full_like(snr, 5.0)) / (snr + 1))
     # Low-noise steps (high SNR) are down-weighted; high-noise steps keep weight 1 for ε.
     assert eps[0] < 0.01 and eps[-1] == 1.0
+
+
+def test_init_starts_from_a_models_unet_and_refuses_other_shapes(
+    parts: dict[str, Path], tmp_path: Path
+) -> None:
+    from accelerate import Accelerator
+
+    from emaki.train.recipe import RecipeError
+    from emaki.train.tasks import UNetTask
+
+    first = train(parse_recipe(_recipe(parts, tmp_path / "first", steps=2)), progress=False)
+    text = _recipe(parts, tmp_path / "second").replace(
+        "[train]", f'init = "{first.model_dir}"\n[train]'
+    )
+    task = UNetTask(parse_recipe(text), Accelerator(cpu=True))
+    want = load_model(first.model_dir).unet.state_dict()
+    got = task.unet.state_dict()
+    assert want.keys() == got.keys()
+    assert all(torch.equal(got[k], want[k]) for k in want)
+    with pytest.raises(RecipeError, match="does not fit the recipe's UNet"):
+        UNetTask(parse_recipe(text.replace("[16, 32]", "[16, 16]")), Accelerator(cpu=True))
+    with pytest.raises(RecipeError, match=r"no unet/diffusion_pytorch_model\.safetensors"):
+        UNetTask(
+            parse_recipe(text.replace(str(first.model_dir), str(tmp_path))), Accelerator(cpu=True)
+        )

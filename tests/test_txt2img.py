@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 import torch
@@ -227,3 +229,33 @@ def test_encode_many_equals_encoding_one_by_one(pipe) -> None:
         alone = pipe.text.encode(text).context
         assert cond.context.shape == alone.shape
         assert torch.allclose(cond.context, alone, atol=1e-5)
+
+
+def test_generate_prompts_equals_each_prompt_alone(tiny_sd1_pipe, one_thread):
+    """A list of prompts in batched calls gives each prompt's own image, seed and infotext; a
+    composable prompt (not stackable) in the list falls back to its own call."""
+    prompts = ["a red apple", "a blue cat, noto style", "a dog AND a hat :0.5", "a sun"]
+    base = GenerationRequest(
+        prompt="", negative_prompt="ugly", steps=4, cfg_scale=5.0, seed=11, width=32, height=32,
+        sampler="Euler a", batch_size=2,
+    )  # fmt: skip
+    many = tiny_sd1_pipe.generate_prompts(base, prompts)
+    assert many.seeds == [11, 12, 13, 14]
+    assert len(many.images) == len(prompts)
+    for i, prompt in enumerate(prompts):
+        alone = tiny_sd1_pipe.generate(replace(base, prompt=prompt, seed=11 + i, batch_size=1))
+        a = np.asarray(alone.images[0], dtype=np.int16)
+        b = np.asarray(many.images[i], dtype=np.int16)
+        assert np.abs(a - b).max() <= 1, prompt
+        assert many.infotexts[i] == alone.infotexts[0]
+    # different prompts really differ (the batch rows are not one prompt repeated)
+    assert np.asarray(many.images[0]).tolist() != np.asarray(many.images[1]).tolist()
+
+
+def test_generate_prompts_refuses_img2img(tiny_sd1_pipe):
+    from emaki.errors import InvalidRequestError
+    from emaki.request import InitImage
+
+    req = GenerationRequest(prompt="", init=InitImage(Image.new("RGB", (32, 32))), seed=1)
+    with pytest.raises(InvalidRequestError, match="txt2img only"):
+        tiny_sd1_pipe.generate_prompts(req, ["a cat"])

@@ -59,6 +59,9 @@ class InitImage:
     inpaint_full_res_padding: int = 32
     inpainting_mask_invert: bool = False
     initial_noise_multiplier: float = 1.0
+    #: DiffEdit: a prompt describing the init image; with no mask, the mask is where it and the
+    #: request's prompt make the model predict different noise (Couairon et al. 2022)
+    diffedit_source: str | None = None
 
     def validate(self) -> None:
         from PIL import Image
@@ -71,6 +74,13 @@ class InitImage:
         _check_int("masked content (inpainting fill)", self.inpainting_fill, 0, 3)
         _check_int("mask blur", self.mask_blur, 0, 256)
         _check_int("masked area padding", self.inpaint_full_res_padding, 0, 1024)
+        if self.diffedit_source is not None and self.mask is not None:
+            raise InvalidRequestError(
+                "DiffEdit makes the mask from its source prompt: give a mask or a source prompt, "
+                "not both"
+            )
+        if self.diffedit_source is not None and not isinstance(self.diffedit_source, str):
+            raise InvalidRequestError("the DiffEdit source prompt must be text")
         if not 0.0 <= self.initial_noise_multiplier <= 2.0:
             raise InvalidRequestError(
                 f"initial noise multiplier must be in [0, 2], got {self.initial_noise_multiplier}"
@@ -94,6 +104,49 @@ class RegionPrompt:
             raise InvalidRequestError(
                 f"a region box is four whole numbers x0, y0, x1, y1: {self.box}"
             )
+
+
+#: sd-webui-controlnet's control modes; "ControlNet is more important" is guess mode.
+CONTROL_MODES = ("Balanced", "My prompt is more important", "ControlNet is more important")
+
+
+@dataclass(frozen=True)
+class ControlNetUnit:
+    """One ControlNet of a request (field names follow sd-webui-controlnet's API).
+
+    ``model`` names a file or folder in the models folder's ``controlnet/`` (or is a path);
+    ``image`` is the input image, turned into the control image by the preprocessor ``module``
+    ("none": the image is the control image already) with ``module_options``, after it is
+    resized to the generation's size by ``resize_mode`` (:data:`RESIZE_MODES` 0-2; 1, "Crop and
+    resize", is sd-webui-controlnet's default). ``weight`` scales the residuals; the unit acts
+    from ``guidance_start`` to ``guidance_end`` (fractions of the steps). ``control_mode`` 2,
+    "ControlNet is more important", is guess mode.
+    """
+
+    model: str
+    image: Image.Image
+    module: str = "none"
+    module_options: dict[str, Any] = field(default_factory=dict)
+    weight: float = 1.0
+    guidance_start: float = 0.0
+    guidance_end: float = 1.0
+    control_mode: int = 0
+    resize_mode: int = 1
+
+    def validate(self) -> None:
+        if not isinstance(self.model, str) or not self.model.strip():
+            raise InvalidRequestError("a ControlNet unit needs a model name")
+        if self.image is None:
+            raise InvalidRequestError(f"ControlNet {self.model!r} needs an image")
+        if not isinstance(self.weight, int | float) or not -10.0 <= self.weight <= 10.0:
+            raise InvalidRequestError(f"ControlNet weight must be in [-10, 10], got {self.weight}")
+        if not 0.0 <= self.guidance_start < self.guidance_end <= 1.0:
+            raise InvalidRequestError(
+                "ControlNet guidance start and end must satisfy 0 <= start < end <= 1, got "
+                f"{self.guidance_start} and {self.guidance_end}"
+            )
+        _check_int("ControlNet control mode", self.control_mode, 0, len(CONTROL_MODES) - 1)
+        _check_int("ControlNet resize mode", self.resize_mode, 0, 2)
 
 
 @dataclass(frozen=True)
@@ -199,6 +252,8 @@ class GenerationRequest:
     init: InitImage | None = None  #: img2img / inpainting input
     hires: HiresFix | None = None  #: txt2img second pass
     tiled: TiledDiffusion | None = None  #: MultiDiffusion windows and region prompts
+    control: tuple[ControlNetUnit, ...] = ()  #: ControlNet units, summed
+    sag_scale: float = 0.0  #: self-attention guidance scale (0: off)
 
     def with_seed(self) -> GenerationRequest:
         """This request with concrete seeds (random ones drawn for ``-1``)."""
@@ -230,6 +285,10 @@ class GenerationRequest:
                 )
         if not 0.0 <= self.cfg_scale <= 100.0:
             raise InvalidRequestError(f"CFG scale must be in [0, 100], got {self.cfg_scale}")
+        if not isinstance(self.sag_scale, int | float) or not 0.0 <= self.sag_scale <= 10.0:
+            raise InvalidRequestError(
+                f"self-attention guidance scale must be in [0, 10], got {self.sag_scale}"
+            )
         if not 0.0 <= self.guidance_rescale <= 1.0:
             raise InvalidRequestError(
                 f"guidance rescale must be in [0, 1], got {self.guidance_rescale}"
@@ -264,6 +323,13 @@ class GenerationRequest:
             self.tiled.validate()
         if self.init is not None and self.hires is not None:
             raise InvalidRequestError("hires fix is a txt2img option; img2img takes no hires")
+        for unit in self.control:
+            unit.validate()
+        if self.control and self.tiled is not None:
+            raise InvalidRequestError(
+                "ControlNet and tiled diffusion (MultiDiffusion) cannot be combined: a window "
+                "sees only part of the control image"
+            )
 
 
 def _check_int(name: str, value: object, lo: int, hi: int) -> None:
@@ -329,6 +395,7 @@ def request_from_params(
         height=height,
         clip_skip=num("Clip skip", int, 1),
         guidance_rescale=num("CFG rescale", float, 0.0),
+        sag_scale=num("SAG Guidance Scale", float, 0.0),
         eta=num("Eta", float, None),
         precision=precision,  # type: ignore[arg-type]
         emphasis=params.get("Emphasis", "Original"),
@@ -399,6 +466,7 @@ def init_from_params(
             inpaint_full_res_padding=int(float(params.get("Masked area padding", 32))),
             inpainting_mask_invert=params.get("Mask mode") == "Inpaint not masked",
             initial_noise_multiplier=float(params.get("Noise multiplier", 1.0)),
+            diffedit_source=params.get("DiffEdit source") if mask is None else None,
         )
     except ValueError as e:
         raise InvalidRequestError(f"infotext has an unreadable img2img value: {e}") from None

@@ -21,6 +21,9 @@ against step for step:
   (``logspace(-1, 0, n + 1)``), so the control steers the coarse layout more than the detail.
   ControlNets with ``global_pool_conditions`` (the shuffle model) always run this way, as in
   diffusers.
+* Soft injection (sd-webui-controlnet's "My prompt is more important"): both sides get the
+  residuals, scaled by ``0.825 ** (n - 1 - k)`` at the ``k``-th of ``n`` (the middle block last, at
+  full weight), so that the prompt keeps more say over the fine detail.
 """
 
 from __future__ import annotations
@@ -59,6 +62,7 @@ class ControlUnit:
     start: float = 0.0
     end: float = 1.0
     guess_mode: bool = False
+    soft: bool = False
 
     def __post_init__(self) -> None:
         if not math.isfinite(self.conditioning_scale):
@@ -123,6 +127,9 @@ class ControlUnit:
         if self.effective_guess_mode and not self.model.config.global_pool_conditions:
             ramp = torch.logspace(-1, 0, len(down) + 1, device=x_in.device)  # 0.1 .. 1
             scales = list((ramp * self.conditioning_scale).unbind())
+        elif self.soft:
+            n = len(scales)
+            scales = [self.conditioning_scale * 0.825 ** (n - 1 - k) for k in range(n)]
         down = [d * s for d, s in zip(down, scales, strict=False)]
         mid = mid * scales[-1]
         if rows is not None:  # the unconditional rows get zeros: no control on that side

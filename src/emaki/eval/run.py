@@ -43,18 +43,17 @@ def identity_prompts(classes: list[str], n: int, seed: int = 0) -> list[tuple[st
 
 
 def generate_all(
-    pipe: Any, prompts: list[str], setting: Setting, size: int, cfg: float
+    pipe: Any, prompts: list[str], setting: Setting, size: int, cfg: float, batch: int = 16
 ) -> tuple[list[Image.Image], float]:
+    """One image per prompt (prompt ``i`` with seed ``i``), ``batch`` prompts per model call."""
     from emaki.request import GenerationRequest
 
-    images = []
     t0 = time.perf_counter()
-    for i, prompt in enumerate(prompts):
-        req = GenerationRequest(
-            prompt=prompt, sampler=setting.sampler, steps=setting.steps, cfg_scale=cfg, seed=i,
-            width=size, height=size,
-        )  # fmt: skip
-        images.extend(pipe.generate(req).images)
+    req = GenerationRequest(
+        prompt="", sampler=setting.sampler, steps=setting.steps, cfg_scale=cfg, seed=0,
+        width=size, height=size, batch_size=batch,
+    )  # fmt: skip
+    images = pipe.generate_prompts(req, prompts).images
     return images, (time.perf_counter() - t0) / max(1, len(prompts))
 
 

@@ -8,6 +8,8 @@ Layout (folders are created on demand by :func:`kind_dir`; listing never creates
     <root>/lora/           LoRA / LyCORIS files (A1111 calls the folder models/Lora)
     <root>/embeddings/     textual-inversion embeddings
     <root>/hypernetworks/  hypernetworks
+    <root>/controlnet/     ControlNets: original single files and diffusers folders (a folder
+                           holding config.json is one entry)
     <root>/.hashes.json    SHA-256 cache (see :func:`sha256_cached`)
 
 The root is ``$EMAKI_MODELS`` if set, else ``$EMAKI_HOME/models``, else
@@ -48,12 +50,14 @@ from pathlib import Path
 from emaki.errors import ModelLoadError
 from emaki.models.files import atomic_write_file, sha256_file
 
-KINDS = ("checkpoints", "vae", "lora", "embeddings", "hypernetworks")
+KINDS = ("checkpoints", "vae", "lora", "embeddings", "hypernetworks", "controlnet")
 #: Suffixes listed for every kind, in order of preference when two files share a name.
 MODEL_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin")
 #: Weight files hashed for a diffusers folder.
 _FOLDER_WEIGHT_SUFFIXES = frozenset({".safetensors", ".bin", ".ckpt", ".pt", ".pth"})
 DIFFUSERS_INDEX = "model_index.json"
+#: Kinds whose diffusers folders are single entries, by the file that marks such a folder.
+FOLDER_MARKERS = {"checkpoints": DIFFUSERS_INDEX, "controlnet": "config.json"}
 HASH_CACHE = ".hashes.json"
 _CACHE_VERSION = 1
 _HASH_CHUNK = 1 << 20
@@ -149,7 +153,7 @@ def _walk(folder: Path, kind: str, bases: tuple[str, ...]) -> Iterator[Path]:
                 is_file = not is_dir and child.is_file()
             except OSError:
                 continue
-            if is_dir and kind == "checkpoints" and (path / DIFFUSERS_INDEX).is_file():
+            if is_dir and kind in FOLDER_MARKERS and (path / FOLDER_MARKERS[kind]).is_file():
                 yield path
             elif is_dir and _inside(path, bases):
                 stack.append(path)

@@ -45,6 +45,7 @@ REQUEST_FLAGS = {
     "clip_skip": "clip_skip",
     "eta": "eta",
     "cfg_rescale": "guidance_rescale",
+    "sag_scale": "sag_scale",
     "precision": "precision",
     "emphasis": "emphasis",
     "subseed": "subseed",
@@ -58,6 +59,7 @@ INIT_FLAGS = {
     "masked_content": "inpainting_fill",
     "padding": "inpaint_full_res_padding",
     "noise_multiplier": "initial_noise_multiplier",
+    "diffedit_source": "diffedit_source",
 }
 #: CLI flag -> HiresFix field.
 HIRES_FLAGS = {
@@ -121,6 +123,9 @@ def add_request_args(g: argparse.ArgumentParser) -> None:
     g.add_argument("--clip-skip", type=int, help="skip the last N-1 text-encoder layers")
     g.add_argument("--eta", type=float, help="noise multiplier of ancestral/DDIM samplers")
     g.add_argument("--cfg-rescale", type=float, help="guidance rescale phi in [0, 1]")
+    g.add_argument(
+        "--sag-scale", type=float, help="self-attention guidance scale (0 off; 0.75 is usual)"
+    )
     g.add_argument("--precision", choices=["fp32", "bf16"], help="compute precision")
     g.add_argument(
         "--emphasis",
@@ -167,6 +172,11 @@ def add_request_args(g: argparse.ArgumentParser) -> None:
     i2i.add_argument("--invert-mask", action="store_true", default=None, help="inpaint not masked")
     i2i.add_argument("--noise-multiplier", type=float, help="initial noise multiplier (1)")
     i2i.add_argument(
+        "--diffedit-source", metavar="PROMPT",
+        help="DiffEdit: describe the --init image; the mask is made where this and the prompt "
+        "disagree (no --mask needed)",
+    )  # fmt: skip
+    i2i.add_argument(
         "--outpaint", type=_sides, metavar="L,R,T,B",
         help="extend the --init image by these pixels (multiples of 8) and paint the border",
     )  # fmt: skip
@@ -180,6 +190,15 @@ def add_request_args(g: argparse.ArgumentParser) -> None:
     md.add_argument(
         "--region", action="append", default=[], metavar="'PROMPT@x0,y0,x1,y1'",
         help="a prompt for a pixel box (repeatable; implies --tiled)",
+    )  # fmt: skip
+    cn = g.add_argument_group("ControlNet")
+    cn.add_argument(
+        "--control", action="append", default=[], metavar="'model=NAME,image=PATH,...'",
+        help="a ControlNet unit (repeatable): model (in the models folder's controlnet/), image, "
+        "and optionally module (canny, scribble, soft_edge, lineart, threshold, invert, "
+        "segmentation; default none), weight, start, end, mode (0 Balanced, 1 My prompt is more "
+        "important, 2 ControlNet is more important), resize (0-2, default 1); other keys are "
+        "the preprocessor's options, e.g. low=50",
     )  # fmt: skip
     hr = g.add_argument_group("hires fix")
     hr.add_argument("--hires-scale", type=float, help="upscale factor of the second pass")
@@ -245,6 +264,8 @@ def request_from_args(args: argparse.Namespace) -> GenerationRequest:
     hires = _hires_from_args(args, request.hires)
     if hires is not None:
         request = replace(request, hires=hires)
+    if args.control:
+        request = replace(request, control=tuple(_control_unit(spec) for spec in args.control))
     if args.style:
         request = _with_styles(request, args)
     return request
@@ -270,6 +291,47 @@ def _tiled_from_args(args: argparse.Namespace, tiled: Any) -> Any:
         base, window=args.tile_window or base.window, stride=args.tile_stride or base.stride,
         regions=tuple(regions) or base.regions,
     )  # fmt: skip
+
+
+_CONTROL_KEYS = {
+    "weight": ("weight", float),
+    "start": ("guidance_start", float),
+    "end": ("guidance_end", float),
+    "mode": ("control_mode", int),
+    "resize": ("resize_mode", int),
+}
+
+
+def _control_unit(spec: str) -> Any:
+    """A ControlNet unit from ``--control 'model=NAME,image=PATH,module=canny,weight=0.8,...'``."""
+    from emaki.imageio import read_image
+    from emaki.request import ControlNetUnit
+
+    fields: dict[str, Any] = {}
+    options: dict[str, Any] = {}
+    for item in (part.strip() for part in spec.split(",")):
+        key, sep, value = item.partition("=")
+        key, value = key.strip(), value.strip()
+        if not sep or not key:
+            raise EmakiError(f"--control takes key=value pairs separated by commas, got {item!r}")
+        if key in ("model", "image", "module"):
+            fields[key] = value
+        elif key in _CONTROL_KEYS:
+            name, kind = _CONTROL_KEYS[key]
+            try:
+                fields[name] = kind(value)
+            except ValueError:
+                raise EmakiError(f"--control {key}={value!r}: not a number") from None
+        else:  # a preprocessor option: a number where it reads as one
+            try:
+                options[key] = int(value) if value.lstrip("-").isdigit() else float(value)
+            except ValueError:
+                options[key] = {"true": True, "false": False}.get(value.lower(), value)
+    for needed in ("model", "image"):
+        if needed not in fields:
+            raise EmakiError(f"--control needs {needed}=..., got {spec!r}")
+    fields["image"] = read_image(fields["image"])
+    return ControlNetUnit(**fields, module_options=options)
 
 
 def _hires_from_args(args: argparse.Namespace, hires: HiresFix | None) -> HiresFix | None:

@@ -6,7 +6,7 @@ Each function returns the keys one feature adds (None values are left out by the
 
 from __future__ import annotations
 
-from emaki.request import MASKED_CONTENT, RESIZE_MODES, GenerationRequest
+from emaki.request import CONTROL_MODES, MASKED_CONTENT, RESIZE_MODES, GenerationRequest
 
 
 def seed_params(req: GenerationRequest, width: int, height: int) -> dict[str, object]:
@@ -36,7 +36,9 @@ def init_params(req: GenerationRequest) -> dict[str, object]:
         params["Resize mode"] = RESIZE_MODES[init.resize_mode]
     if init.initial_noise_multiplier != 1.0:
         params["Noise multiplier"] = init.initial_noise_multiplier
-    if init.mask is None:
+    if init.diffedit_source is not None:
+        params["DiffEdit source"] = init.diffedit_source
+    if init.mask is None and init.diffedit_source is None:
         return params
     params["Mask blur"] = init.mask_blur
     if init.inpainting_mask_invert:
@@ -82,3 +84,17 @@ def hires_params(req: GenerationRequest) -> dict[str, object]:
             hr.negative_prompt if hr.negative_prompt not in (None, req.negative_prompt) else None
         ),
     }
+
+
+def control_params(req: GenerationRequest) -> dict[str, object]:
+    """sd-webui-controlnet's ``ControlNet N`` keys (the control image itself is not recorded)."""
+    params: dict[str, object] = {}
+    for i, u in enumerate(req.control):
+        options = "".join(f", {k}: {v}" for k, v in sorted(u.module_options.items()))
+        params[f"ControlNet {i}"] = (
+            f"Module: {u.module}, Model: {u.model}, Weight: {u.weight}, "
+            f"Resize Mode: {RESIZE_MODES[u.resize_mode]}, Guidance Start: {u.guidance_start}, "
+            f"Guidance End: {u.guidance_end}, Control Mode: {CONTROL_MODES[u.control_mode]}"
+            f"{options}"
+        )
+    return params

@@ -7,7 +7,7 @@ module (prompt grammar, adapters, text encoding, sampling, latents, infotext).
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -31,13 +31,14 @@ from emaki.pipelines.img2img import (
     txt2img_conditioning,
 )
 from emaki.pipelines.params import (
+    control_params,
     denoising,
     hires_params,
     init_params,
     seed_params,
     tiled_params,
 )
-from emaki.prompts.encode import EncodedPrompt, ScheduledGuidance, encode_prompts
+from emaki.prompts.encode import EncodedPrompt, ScheduledGuidance, encode_prompts, stack_plain
 from emaki.prompts.grammar import ExtraNetworkCall, extract_extra_networks, strip_comments
 from emaki.request import GenerationRequest
 from emaki.sampling.brownian import BrownianNoise
@@ -119,6 +120,7 @@ class Pipeline:
         self.allow_pickle = allow_pickle
         self._embeddings: EmbeddingLibrary | bool | None = False  # False: not looked at yet
         self._adapted: dict[tuple[Any, ...], tuple[ModelBundle, TextEncoder]] = {}
+        self._controlnets: dict[str, Any] = {}  #: loaded ControlNets by file, the last four
         self.text = TextEncoder(bundle.tokenizer, bundle.text_encoder)
         self.schedule = DiscreteSchedule(bundle.alphas_cumprod)
         down = 2 ** (len(bundle.vae.config.block_out_channels) - 1)
@@ -280,23 +282,98 @@ class Pipeline:
         *,
         concat: Tensor | None = None,
         cfg_scale: float | None = None,
+        control: Sequence[Any] = (),
+        steps: int = 0,
     ) -> ScheduledGuidance:
         """Step 4: the model as a denoiser, wrapped in scheduled classifier-free guidance.
 
         ``concat`` [1, k, h, w] is appended to the UNet input's channels (inpainting models).
+        ``control``: :class:`~emaki.control.ControlUnit`\\ s whose residuals the UNet adds, with
+        their start/end windows counted over ``steps`` sampler steps.
         """
         unet = (bundle or self.bundle).unet
+        capture = None
+        if r.request.sag_scale > 0:  # a fresh capturing clone per call: it holds the last map
+            from emaki.sampling.sag import capture_self_attention
+
+            unet, capture = capture_self_attention(unet)
+        model: Any = unet
+        listeners: tuple[Callable[[StepInfo], None], ...] = ()
+        if control:
+            from emaki.control import ControlledUNet
+
+            model = ControlledUNet(unet, control, steps)
+            listeners = (model.on_step,)
 
         def apply(x: Tensor, t: Tensor, cond: Conditioning) -> Tensor:
-            ctx = cond.context.to(x.device, x.dtype)
             if concat is not None:
                 extra = concat.to(x.device, x.dtype).expand(x.shape[0], -1, -1, -1)
                 x = torch.cat([x, extra], dim=1)
+            if model is not unet:
+                return model(x, t, cond)
+            ctx = cond.context.to(x.device, x.dtype)
             return unet(x, t.to(x.device), encoder_hidden_states=ctx, return_dict=False)[0]
 
         inner = DiscreteDenoiser(apply, self.schedule, self.bundle.prediction_type)
         scale = r.request.cfg_scale if cfg_scale is None else cfg_scale
-        return ScheduledGuidance(CFGDenoiser(inner, scale, r.request.guidance_rescale))
+        guidance: Any = CFGDenoiser(inner, scale, r.request.guidance_rescale)
+        if capture is not None:
+            from emaki.sampling.sag import SelfAttentionGuidance
+
+            guidance = SelfAttentionGuidance(
+                inner, capture, scale, r.request.sag_scale, r.request.guidance_rescale
+            )
+        return ScheduledGuidance(guidance, listeners)
+
+    def control_units(self, r: Resolved, bundle: ModelBundle, width: int, height: int) -> list[Any]:
+        """Step 4b (ControlNet): each unit's model and its control image at ``width`` x ``height``:
+        the input resized by the unit's resize mode, then run through its preprocessor."""
+        req = r.request
+        if not req.control:
+            return []
+        if self.inpainting_model(bundle):
+            raise InvalidRequestError(
+                "ControlNet does not work with inpainting models (their UNet takes 9 input "
+                "channels, a ControlNet 4); use an ordinary model, with an init image and mask"
+            )
+        if req.init is not None and req.init.inpaint_full_res:
+            raise InvalidRequestError(
+                "ControlNet with 'only masked' inpainting is not supported: the control image "
+                "would have to be cropped like the masked area; inpaint the whole picture"
+            )
+        from emaki.control import ControlUnit, hint_from_image, preprocess
+        from emaki.imageops.resize import resize_image
+
+        units = []
+        for u in req.control:
+            image = u.image.convert("RGB")
+            if image.size != (width, height):
+                image = resize_image(u.resize_mode, image, width, height)
+            if u.module.strip().lower() != "none":
+                image = preprocess(u.module, image, **u.module_options)
+            unit = ControlUnit(
+                self.controlnet(u.model), hint_from_image(image, width, height),
+                u.weight, u.guidance_start, u.guidance_end,
+                guess_mode=u.control_mode == 2, soft=u.control_mode == 1,
+            )  # fmt: skip
+            units.append(unit)
+        return units
+
+    def controlnet(self, name: str) -> Any:
+        """The ControlNet called ``name`` in the models folder's ``controlnet/``, loaded once
+        (the last four are kept) in the UNet's dtype and device."""
+        from emaki.control import load_controlnet
+        from emaki.models.library import find_model
+
+        entry = find_model("controlnet", name, self.models)
+        key = str(entry.path)
+        if key not in self._controlnets:
+            param = next(self.bundle.unet.parameters())
+            net = load_controlnet(entry.path, allow_pickle=self.allow_pickle, dtype=param.dtype)
+            while len(self._controlnets) >= 4:
+                self._controlnets.pop(next(iter(self._controlnets)))
+            self._controlnets[key] = net.to(param.device)
+        return self._controlnets[key]
 
     def sigmas(self, r: Resolved, steps: int | None = None) -> Tensor:
         """Step 5: the sigma schedule (img2img: its tail, by the denoising strength)."""
@@ -309,6 +386,40 @@ class Pipeline:
     def inpainting_model(self, bundle: ModelBundle) -> bool:
         """Whether the UNet takes mask and masked-image channels (RunwayML inpainting)."""
         return int(bundle.unet.config.in_channels) == self.latent_format.channels * 2 + 1
+
+    def diffedit(
+        self, r: Resolved, bundle: ModelBundle, text: TextEncoder, encoded: EncodedPrompt
+    ) -> Resolved:
+        """Step 5b (DiffEdit): the request with the mask where the init image's source prompt
+        and the prompt disagree (10 noises at diffusers' default encode strength 0.5, ratio 3;
+        the CFG scale and negative prompt of the request), ready for the inpainting path."""
+        from emaki.edit.diffedit import diffedit_mask, diffedit_sigma, mask_to_images
+        from emaki.imageops.resize import resize_image
+        from emaki.latents import encode, from_pil
+
+        req = r.request
+        init = req.init
+        assert init is not None and init.diffedit_source is not None
+        image = init.image.convert("RGB")
+        if init.resize_mode != 3 and image.size != (r.width, r.height):
+            image = resize_image(init.resize_mode, image, r.width, r.height)
+        latents = encode(bundle.vae, from_pil(image), self.latent_format, mean=True)
+        source_text, _ = extract_extra_networks(strip_comments(init.diffedit_source))
+        source = self.conditioning(r, text, prompts=(source_text, r.negative_prompt)).conds.at(0)
+        guided = self.denoiser(r, bundle).cfg
+        mask = diffedit_mask(
+            guided, latents, source, encoded.conds.at(0),
+            sigma=diffedit_sigma(self.schedule, 0.5), seed=req.seed,
+        )  # fmt: skip
+        if not bool(mask.any()):
+            raise InvalidRequestError(
+                "DiffEdit found nothing to change: the source prompt and the prompt make the "
+                "model predict the same noise everywhere; describe the image in the source "
+                "prompt and the edit in the prompt"
+            )
+        (mask_image,) = mask_to_images(mask, image.size)
+        edited = replace(init, image=image, mask=mask_image, resize_mode=0)
+        return replace(r, request=replace(req, init=edited))
 
     def init_state(self, r: Resolved, bundle: ModelBundle) -> InitState | None:
         """Step 6a (img2img): the init image resized, masked, filled and encoded."""
@@ -328,6 +439,8 @@ class Pipeline:
         req = r.request
         bundle, text = self.adapted(r)
         encoded = self.conditioning(r, text)
+        if req.init is not None and req.init.diffedit_source is not None:
+            r = self.diffedit(r, bundle, text, encoded)
         init = self.init_state(r, bundle)
         sigmas = self.sigmas(r)
         concat = init.concat if init is not None else None
@@ -335,6 +448,7 @@ class Pipeline:
             concat = txt2img_conditioning(bundle.vae, self.latent_format, r.width, r.height)
         shape = self.latent_format.latent_shape(r.width, r.height)
         regions = self.regions(r, text, shape) if req.tiled is not None else ()
+        control = self.control_units(r, bundle, r.width, r.height)
         passes = 2 if req.hires is not None else 1
         images: list[Image.Image] = []
         seeds: list[int] = []
@@ -350,7 +464,7 @@ class Pipeline:
                 call = _Call(progress, n * passes, req.n_iter * passes)
                 latents = self.sample(
                     r, bundle, encoded, sigmas, batch_seeds, shape, init=init, concat=concat,
-                    call=call, regions=regions,
+                    call=call, regions=regions, control=control,
                 )  # fmt: skip
                 if req.hires is not None:
                     latents = self.hires_pass(r, bundle, text, encoded, latents, batch_seeds, call)
@@ -360,6 +474,58 @@ class Pipeline:
         # Step 8: infotext for each image.
         infotexts = [self.infotext(r, seed, encoded, bundle) for seed in seeds]
         return GenerationResult(images, infotexts, seeds, req)
+
+    @torch.inference_mode()
+    def generate_prompts(self, request: GenerationRequest, prompts: list[str]) -> GenerationResult:
+        """One txt2img image per prompt with ``request``'s settings, ``batch_size`` prompts a call.
+
+        Image ``i`` uses ``prompts[i]`` and seed ``request.seed + i``, and is the image that
+        ``generate`` makes for that prompt and seed alone (up to float rounding of the batched
+        model call). Plain prompts with the same chunk count share one model call per step;
+        others (editing, ``AND``, LoRA tags) are generated one by one. For evaluation sets and
+        contact sheets; img2img, hires fix and tiled diffusion go through :meth:`generate`.
+        """
+        if request.init or request.hires or request.tiled or request.control:
+            raise InvalidRequestError(
+                "generating a list of prompts is plain txt2img only (no init image, hires fix, "
+                "tiled diffusion or ControlNet)"
+            )
+        request = request.with_seed()
+        base = request.seed
+        single = replace(request, batch_size=1, n_iter=1)
+        images: list[Image.Image] = []
+        infotexts: list[str] = []
+        seeds = [base + i for i in range(len(prompts))]
+        for start in range(0, len(prompts), request.batch_size):
+            chunk = [
+                self.resolve(replace(single, prompt=p, seed=seeds[start + j]))
+                for j, p in enumerate(prompts[start : start + request.batch_size])
+            ]
+            key = chunk[0].adapters.key
+            bundle, text = self.adapted(chunk[0])
+            encoded = [self.conditioning(r, text) for r in chunk]
+            stacked = stack_plain(encoded) if all(r.adapters.key == key for r in chunk) else None
+            if stacked is None:
+                for r in chunk:
+                    res = self.generate(r.request)
+                    images.extend(res.images)
+                    infotexts.extend(res.infotexts)
+                continue
+            r = chunk[0]
+            concat = None
+            if self.inpainting_model(bundle):
+                concat = txt2img_conditioning(bundle.vae, self.latent_format, r.width, r.height)
+            shape = self.latent_format.latent_shape(r.width, r.height)
+            with _precision(request.precision):
+                latents = self.sample(
+                    r, bundle, stacked, self.sigmas(r), [c.request.seed for c in chunk], shape,
+                    concat=concat,
+                )  # fmt: skip
+                images.extend(to_pil(decode(bundle.vae, latents, self.latent_format)))
+            infotexts.extend(
+                self.infotext(c, c.request.seed, e, bundle) for c, e in zip(chunk, encoded)
+            )
+        return GenerationResult(images, infotexts, seeds, request)
 
     def sample(
         self,
@@ -376,6 +542,7 @@ class Pipeline:
         cfg_scale: float | None = None,
         call: _Call | None = None,
         regions: tuple[Any, ...] = (),
+        control: Sequence[Any] = (),
     ) -> Tensor:
         """One batch through the sampler: seeded noise, (init latent,) guidance, steps.
 
@@ -403,7 +570,9 @@ class Pipeline:
         else:
             x = noise0 * sigmas[0]
         noise = _sampler_noise(r.sampler, seeded, seeds, shape, sigmas, device)
-        scheduled = self.denoiser(r, bundle, concat=concat, cfg_scale=cfg_scale)
+        scheduled = self.denoiser(
+            r, bundle, concat=concat, cfg_scale=cfg_scale, control=control, steps=len(sigmas) - 1
+        )
         denoiser: Any = scheduled
         if req.tiled is not None:  # MultiDiffusion over windows of the model's size
             from emaki.sampling.multidiffusion import MultiDiffusion
@@ -504,10 +673,11 @@ class Pipeline:
         regions: tuple[Any, ...] = ()
         if r.request.tiled is not None and r.request.tiled.regions:
             regions = self.regions(hr_r, text, tuple(start.shape[1:]), w / r.width)
+        control = self.control_units(r, bundle, w, h)
         call.advance()
         return self.sample(
             hr_r, bundle, encoded, sigmas, seeds, tuple(start.shape[1:]), start=start,
-            concat=concat, cfg_scale=hr.cfg_scale, call=call, regions=regions,
+            concat=concat, cfg_scale=hr.cfg_scale, call=call, regions=regions, control=control,
         )  # fmt: skip
 
     def infotext(
@@ -539,6 +709,8 @@ class Pipeline:
             "Tiling": True if req.tiling else None,
             "Eta": r.options.get("eta"),
             "CFG rescale": req.guidance_rescale or None,
+            "SAG Guidance Enabled": True if req.sag_scale else None,
+            "SAG Guidance Scale": req.sag_scale or None,
             "Precision": req.precision if req.precision != "fp32" else None,
             "Emphasis": req.emphasis if req.emphasis != "Original" else None,
             "Lora hashes": ", ".join(f"{f.name}: {f.hash}" for f, _, _ in r.adapters.loras) or None,
@@ -546,6 +718,7 @@ class Pipeline:
             **init_params(req),
             **hires_params(req),
             **tiled_params(req, self.native_size),
+            **control_params(req),
             "Version": f"emaki {__version__}",
         }
         prompt = strip_comments(req.prompt)

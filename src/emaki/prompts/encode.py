@@ -20,9 +20,10 @@ word is then plain text).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
+import torch
 from torch import Tensor
 
 from emaki.conditioning import Conditioning
@@ -101,6 +102,38 @@ def encode_prompts(
     return EncodedPrompt(conds, tokens, used)
 
 
+def stack_plain(encoded: Sequence[EncodedPrompt]) -> EncodedPrompt | None:
+    """Several plain prompts' conditionings as one batch (row ``i`` is prompt ``i``), or None.
+
+    "Plain" means one ``AND`` part of weight 1 without editing or alternation, and every prompt
+    the same number of chunks; the negative prompt must be the same for all (the first one's is
+    used). Rows are encoded independently, so a batch of stacked prompts is the same as each
+    prompt on its own, with one model call per step for all of them.
+    """
+    if not encoded:
+        return None
+    rows: list[Conditioning] = []
+    for e in encoded:
+        parts = e.conds.parts
+        if len(parts) != 1 or parts[0][0] != 1.0 or len(parts[0][1].conds) != 1:
+            return None
+        if not _same_schedule(e.conds.negative, encoded[0].conds.negative):
+            return None
+        rows.append(parts[0][1].conds[0])
+    if any(not r.can_cat(rows[0]) or r.batch_size != 1 for r in rows):
+        return None
+    stacked = ScheduledCond((encoded[0].conds.parts[0][1].ends[0],), (Conditioning.cat(rows),))
+    tokens = {t: c for e in encoded for t, c in e.tokens.items()}
+    used = tuple(dict.fromkeys(n for e in encoded for n in e.embeddings))
+    return EncodedPrompt(PromptConds(((1.0, stacked),), encoded[0].conds.negative), tokens, used)
+
+
+def _same_schedule(a: ScheduledCond, b: ScheduledCond) -> bool:
+    return a.ends == b.ends and all(
+        torch.equal(x.context, y.context) for x, y in zip(a.conds, b.conds, strict=True)
+    )
+
+
 def _pieces(text: str, emphasis: str) -> list[tuple[str, float]]:
     """Weighted pieces of a text; the "None" mode reads brackets as plain text (A1111)."""
     return [(text, 1.0)] if emphasis == "None" else parse_emphasis(text)
@@ -109,13 +142,17 @@ def _pieces(text: str, emphasis: str) -> list[tuple[str, float]]:
 class ScheduledGuidance:
     """CFG whose conditioning follows the prompt schedule, one step at a time.
 
+    ``cfg`` is a :class:`CFGDenoiser` or another guided denoiser taking a :class:`GuidedCond`
+    (self-attention guidance).
+
     Use as the sampler's denoiser with ``cond=`` a :class:`PromptConds`, and pass
     :meth:`on_step` as (or inside) the sampler's step callback.
     """
 
-    def __init__(self, cfg: CFGDenoiser) -> None:
+    def __init__(self, cfg: CFGDenoiser, also: tuple[Callable[[StepInfo], None], ...] = ()) -> None:
         self.cfg = cfg
         self.step = 0
+        self.also = also  #: more step listeners (e.g. ControlNet start/end windows)
 
     def __call__(self, x: Tensor, sigma: Tensor, cond: PromptConds) -> Tensor:
         return self.cfg(x, sigma, cond.at(self.step))
@@ -123,3 +160,5 @@ class ScheduledGuidance:
     def on_step(self, info: StepInfo) -> None:
         """Advance to the step after the one the sampler just finished."""
         self.step = info.i + 1
+        for listener in self.also:
+            listener(info)

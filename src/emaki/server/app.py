@@ -470,7 +470,8 @@ def _same_origin(request: Request) -> bool:
 
 
 def _native_request(body: Any, uploads: Uploads) -> GenerationRequest:
-    """The native job body: GenerationRequest fields, images base64 inside ``init``."""
+    """The native job body: GenerationRequest fields, images base64 inside ``init`` and each
+    ``control`` unit."""
     from emaki.server.payload import request_from_payload
 
     if not isinstance(body, dict):
@@ -485,6 +486,16 @@ def _native_request(body: Any, uploads: Uploads) -> GenerationRequest:
         if init.get("mask") is not None:
             init["mask"] = uploads.put(uploads.decode_base64(init["mask"], "init.mask"))
         body["init"] = init
+    control = body.get("control")
+    if control:
+        if not isinstance(control, list) or not all(
+            isinstance(c, dict) and "image" in c for c in control
+        ):
+            raise InvalidRequestError("control must be a list of objects with a base64 'image'")
+        body["control"] = [
+            {**c, "image": uploads.put(uploads.decode_base64(c["image"], f"control[{i}].image"))}
+            for i, c in enumerate(control)
+        ]
     try:
         return request_from_payload(body, uploads)
     except TypeError as e:

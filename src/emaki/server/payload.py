@@ -20,7 +20,14 @@ from PIL import Image
 
 from emaki.errors import InvalidRequestError
 from emaki.imageio import decode_image, png_bytes, read_image, write_atomic
-from emaki.request import GenerationRequest, HiresFix, InitImage, RegionPrompt, TiledDiffusion
+from emaki.request import (
+    ControlNetUnit,
+    GenerationRequest,
+    HiresFix,
+    InitImage,
+    RegionPrompt,
+    TiledDiffusion,
+)
 
 _NAME = re.compile(r"^[0-9a-f]{64}\.png$")
 
@@ -86,6 +93,11 @@ def request_to_payload(request: GenerationRequest, uploads: Uploads) -> dict[str
              "mask": uploads.put(g.mask) if g.mask is not None else None}
             for g in request.tiled.regions
         ]  # fmt: skip
+    if request.control:
+        data["control"] = [
+            {**{f.name: getattr(u, f.name) for f in fields(u)}, "image": uploads.put(u.image)}
+            for u in request.control
+        ]
     return data
 
 
@@ -95,6 +107,7 @@ def request_from_payload(data: dict[str, Any], uploads: Uploads) -> GenerationRe
     init = data.pop("init", None)
     hires = data.pop("hires", None)
     tiled = data.pop("tiled", None)
+    control = data.pop("control", None) or ()
     known = {f.name for f in fields(GenerationRequest)}
     unknown = set(data) - known
     if unknown:
@@ -110,6 +123,11 @@ def request_from_payload(data: dict[str, Any], uploads: Uploads) -> GenerationRe
         request = _replace(request, init=InitImage(**init))
     if hires is not None:
         request = _replace(request, hires=HiresFix(**hires))
+    if control:
+        if not isinstance(control, list | tuple) or not all(isinstance(c, dict) for c in control):
+            raise InvalidRequestError("control must be a list of ControlNet unit objects")
+        units = [ControlNetUnit(**{**c, "image": uploads.get(c.get("image"))}) for c in control]
+        request = _replace(request, control=tuple(units))
     if tiled is not None:
         if not isinstance(tiled, dict):
             raise InvalidRequestError("tiled must be an object")

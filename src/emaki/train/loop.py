@@ -114,7 +114,11 @@ class _StopFlag:
 
 
 def _check_same_recipe(run_dir: Path, recipe: Recipe) -> None:
-    """A run folder continues only the recipe that started it (train.steps, logging may change)."""
+    """A run folder continues only the recipe that started it.
+
+    ``train.steps``, ``train.threads`` (an execution setting: a run may resume on a machine with
+    more cores), ``[checkpoint]`` and ``[log]`` may change.
+    """
     stored = run_dir / "recipe.toml"
     if not stored.is_file():
         return
@@ -122,13 +126,13 @@ def _check_same_recipe(run_dir: Path, recipe: Recipe) -> None:
     new = copy.deepcopy(recipe)
     for r in (old, new):
         r.source = ""
-        r.train.steps = 0
+        r.train.steps = r.train.threads = 0
         r.checkpoint.every = r.checkpoint.keep = 1
         r.log = type(r.log)()
     if old != new:
         raise TrainingError(
-            f"{run_dir} holds a run of a different recipe; change only train.steps, checkpoint "
-            "and log settings to continue it, or choose a new output folder"
+            f"{run_dir} holds a run of a different recipe; change only train.steps, train.threads, "
+            "checkpoint and log settings to continue it, or choose a new output folder"
         )
 
 

@@ -98,6 +98,9 @@ class UNetModelConfig:
     beta_schedule: Literal["scaled_linear", "linear", "squaredcos_cap_v2"] = "scaled_linear"
     beta_start: float = 0.00085
     beta_end: float = 0.012
+    # A model folder (or its unet/ folder) whose UNet weights start this run instead of random
+    # ones: continue training a shipped model, or fine-tune one. Its shape must match the recipe.
+    init: str = ""
 
 
 @dataclass

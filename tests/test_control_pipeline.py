@@ -1,0 +1,192 @@
+"""ControlNet through the pipeline: models folder, preprocessing, windows, hires, infotext, errors.
+
+The sampling-level comparison with diffusers is in test_control.py; here the whole txt2img job
+(prompt text, seed, Euler with uniform spacing, decode) is compared with diffusers'
+StableDiffusionControlNetPipeline on the same weights and control image.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import numpy as np
+import pytest
+import torch
+from diffusers import EulerDiscreteScheduler, StableDiffusionControlNetPipeline
+from PIL import Image, ImageDraw
+
+from emaki.cli import main
+from emaki.control import hint_from_image, preprocess
+from emaki.errors import InvalidRequestError, ModelLoadError
+from emaki.imageio import read_infotext
+from emaki.models.saving import save_diffusers
+from emaki.models.tiny import make_tiny_bundle
+from emaki.pipelines.txt2img import Pipeline
+from emaki.request import ControlNetUnit, GenerationRequest, HiresFix
+
+from test_control import tiny_controlnet
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+SIZE = 64
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory: pytest.TempPathFactory):
+    bundle = make_tiny_bundle("sd1", seed=0)
+    models = tmp_path_factory.mktemp("models")
+    net = tiny_controlnet(bundle.unet, 1)
+    net.save_pretrained(models / "controlnet" / "edges")
+    return bundle, net, models, Pipeline(bundle, models=models)
+
+
+def _drawing(size: int = SIZE) -> Image.Image:
+    image = Image.new("RGB", (size, size), "white")
+    draw = ImageDraw.Draw(image)
+    draw.rectangle([10, 12, 40, 50], fill=(200, 30, 30))
+    draw.ellipse([30, 8, 58, 36], fill=(30, 60, 200))
+    return image
+
+
+def _request(**control) -> GenerationRequest:
+    unit = ControlNetUnit(model="edges", image=_drawing(), module="canny", **control)
+    return GenerationRequest(
+        prompt="a red apple", negative_prompt="blurry", sampler="Euler", schedule="uniform",
+        steps=6, cfg_scale=6.0, seed=1234, width=SIZE, height=SIZE, control=(unit,),
+    )  # fmt: skip
+
+
+def _pixels(image: Image.Image) -> np.ndarray:
+    return np.asarray(image, dtype=np.int16)
+
+
+@pytest.mark.parametrize(
+    ("control", "diffusers_args"),
+    [
+        ({}, {}),
+        (
+            {"weight": 0.7, "guidance_start": 0.2, "guidance_end": 0.8},
+            {
+                "controlnet_conditioning_scale": 0.7,
+                "control_guidance_start": 0.2,
+                "control_guidance_end": 0.8,
+            },
+        ),
+        ({"control_mode": 2}, {"guess_mode": True}),
+    ],
+)
+def test_pipeline_matches_diffusers_controlnet_pipeline(setup, control, diffusers_args) -> None:
+    bundle, net, _, pipe = setup
+    ours = pipe.generate(_request(**control)).images[0]
+    plain = pipe.generate(replace(_request(), control=())).images[0]
+    sched = EulerDiscreteScheduler(
+        num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012,
+        beta_schedule="scaled_linear", timestep_spacing="linspace",
+    )  # fmt: skip
+    ref = StableDiffusionControlNetPipeline(
+        vae=bundle.vae, text_encoder=bundle.text_encoder, tokenizer=bundle.tokenizer,
+        unet=bundle.unet, controlnet=net, scheduler=sched, safety_checker=None,
+        feature_extractor=None, requires_safety_checker=False,
+    )  # fmt: skip
+    ref.set_progress_bar_config(disable=True)
+    hint = hint_from_image(preprocess("canny", _drawing()), SIZE, SIZE)
+    noise = torch.randn((4, SIZE // 8, SIZE // 8), generator=torch.Generator().manual_seed(1234))
+    theirs = ref(
+        "a red apple", negative_prompt="blurry", image=hint, num_inference_steps=6,
+        guidance_scale=6.0, latents=noise[None], output_type="pil", **diffusers_args,
+    ).images[0]  # fmt: skip
+    diff = np.abs(_pixels(ours) - _pixels(theirs))
+    assert diff.max() <= 1, f"max pixel diff {diff.max()}"
+    # the effect exceeds the comparison's tolerance, so the comparison is not vacuous
+    assert np.abs(_pixels(ours) - _pixels(plain)).max() > 1, "the ControlNet had no effect"
+
+
+def test_control_modes_and_zero_weight(setup) -> None:
+    _, _, _, pipe = setup
+    plain = _pixels(pipe.generate(replace(_request(), control=())).images[0])
+    zero = _pixels(pipe.generate(_request(weight=0.0)).images[0])
+    assert np.array_equal(zero, plain)
+    full = _pixels(pipe.generate(_request()).images[0])
+    soft = _pixels(pipe.generate(_request(control_mode=1)).images[0])
+    # "My prompt is more important" scales the residuals down: between no control and full
+    assert 0 < np.abs(soft - plain).mean() < np.abs(full - plain).mean()
+
+
+def test_hires_pass_gets_the_control_image_at_its_size(setup) -> None:
+    _, _, _, pipe = setup
+    req = replace(_request(), hires=HiresFix(scale=2.0, steps=3, denoising_strength=0.5))
+    res = pipe.generate(req)
+    assert res.images[0].size == (2 * SIZE, 2 * SIZE)
+
+
+def test_infotext_names_the_units(setup) -> None:
+    _, _, _, pipe = setup
+    text = pipe.generate(_request(weight=0.5, control_mode=2)).infotexts[0]
+    assert (
+        'ControlNet 0: "Module: canny, Model: edges, Weight: 0.5, Resize Mode: Crop and resize, '
+        'Guidance Start: 0.0, Guidance End: 1.0, Control Mode: ControlNet is more important"'
+    ) in text
+
+
+def test_errors_name_the_problem(setup) -> None:
+    _, _, _, pipe = setup
+    with pytest.raises(ModelLoadError, match="no controlnet model named 'nope'"):
+        pipe.generate(replace(_request(), control=(replace(_request().control[0], model="nope"),)))
+    with pytest.raises(InvalidRequestError, match="start and end"):
+        pipe.generate(_request(guidance_start=0.8, guidance_end=0.2))
+    with pytest.raises(InvalidRequestError, match="unknown ControlNet preprocessor"):
+        pipe.generate(replace(_request(), control=(replace(_request().control[0], module="x"),)))
+    with pytest.raises(InvalidRequestError, match="control mode"):
+        pipe.generate(_request(control_mode=5))
+
+
+def test_cli_control_flag(setup, tmp_path, capsys, monkeypatch) -> None:
+    bundle, _, models, _ = setup
+    monkeypatch.setenv("EMAKI_MODELS", str(models))
+    model = save_diffusers(bundle, tmp_path / "m")
+    _drawing().save(tmp_path / "drawing.png")
+    out = tmp_path / "out"
+    argv = ["generate", "a red apple", "--model", str(model), "--steps", "3", "--seed", "3",
+            "--width", "64", "--height", "64", "--out", str(out),
+            "--control", f"model=edges,image={tmp_path / 'drawing.png'},module=canny,weight=0.8,"
+                         "low=50"]  # fmt: skip
+    assert main(argv) == 0
+    (png,) = out.glob("*.png")
+    unit = read_infotext(png).params["ControlNet 0"]
+    assert unit.startswith("Module: canny, Model: edges, Weight: 0.8") and "low: 50" in unit
+    capsys.readouterr()
+    assert main([*argv[:-1], "model=edges,weight=0.8"]) == 2
+    assert "--control needs image=" in capsys.readouterr().err
+    assert main([*argv[:-1], f"model=edges,image={tmp_path / 'drawing.png'},weight=x"]) == 2
+    assert "weight" in capsys.readouterr().err
+
+
+def test_server_native_job_with_a_controlnet(setup, tmp_path) -> None:
+    """A queued job carries its ControlNet unit (image stored as an upload) and runs it."""
+    import base64
+    import io
+    import time
+
+    from fastapi.testclient import TestClient
+
+    from emaki.server.app import create_app
+    from emaki.server.config import Limits, ServerConfig
+
+    _, _, _, pipe = setup
+    buf = io.BytesIO()
+    _drawing().save(buf, format="PNG")
+    unit = {"model": "edges", "image": base64.b64encode(buf.getvalue()).decode(),
+            "module": "canny", "weight": 0.5}  # fmt: skip
+    config = ServerConfig(home=tmp_path / "server", limits=Limits(max_upload_bytes=2_000_000))
+    with TestClient(create_app(config, pipe)) as client:
+        body = {"prompt": "a red apple", "steps": 2, "width": SIZE, "height": SIZE, "seed": 1}
+        job = client.post("/api/jobs", json={**body, "control": [unit]}).json()
+        deadline = time.time() + 60
+        while client.get(f"/api/jobs/{job['id']}").json()["state"] not in ("done", "failed"):
+            assert time.time() < deadline
+            time.sleep(0.05)
+        done = client.get(f"/api/jobs/{job['id']}").json()
+        assert done["state"] == "done", done
+        assert "ControlNet 0" in str(done)
+        bad = client.post("/api/jobs", json={**body, "control": [{"model": "edges"}]})
+        assert bad.status_code == 400 and "base64 'image'" in bad.json()["detail"]
