@@ -190,3 +190,148 @@ def test_server_native_job_with_a_controlnet(setup, tmp_path) -> None:
         assert "ControlNet 0" in str(done)
         bad = client.post("/api/jobs", json={**body, "control": [{"model": "edges"}]})
         assert bad.status_code == 400 and "base64 'image'" in bad.json()["detail"]
+
+
+# -- sd-webui-controlnet compatibility: its API units, its infotext, --from ----------------------
+
+
+def test_webui_api_units_map_onto_emaki_units() -> None:
+    from emaki.control.webui import units_from_api
+
+    drawing, init = _drawing(), Image.new("RGB", (SIZE, SIZE), "gray")
+    seen: list[str] = []
+
+    def decode(text: str, what: str) -> Image.Image:
+        seen.append(f"{what}={text}")
+        return drawing
+
+    args = [
+        {"enabled": True, "image": "AAA", "module": "canny", "model": "edges [d14c016b]",
+         "threshold_a": 50, "threshold_b": 150, "weight": 0.6, "guidance_start": 0.1,
+         "guidance_end": 0.9, "control_mode": "My prompt is more important",
+         "resize_mode": "Just Resize", "pixel_perfect": True, "processor_res": 512},
+        {"enabled": False, "image": "BBB", "module": "canny", "model": "edges"},
+        {"input_image": {"image": "CCC", "mask": None}, "module": "softedge_pidinet",
+         "model": "edges", "threshold_a": -1, "guessmode": True, "resize_mode": 2},
+        {"module": "canny", "model": "edges", "threshold_a": -1, "threshold_b": -1},
+    ]  # fmt: skip
+    first, second, third = units_from_api({"ControlNet": {"args": args}}, decode, init)
+    assert seen == ["ControlNet unit 0 image=AAA", "ControlNet unit 2 image=CCC"]
+    assert (first.model, first.module, first.module_options) == (
+        "edges",
+        "canny",
+        {"low": 50.0, "high": 150.0},
+    )
+    assert (first.weight, first.guidance_start, first.guidance_end) == (0.6, 0.1, 0.9)
+    assert (first.control_mode, first.resize_mode) == (1, 0)
+    assert (second.module, second.module_options, second.control_mode) == ("soft_edge", {}, 2)
+    assert second.resize_mode == 2 and second.image is drawing
+    assert third.image is init and third.module_options == {}  # -1: the preprocessor's default
+    assert units_from_api({"controlnet": {"args": []}}, decode) == ()
+
+
+@pytest.mark.parametrize(
+    ("unit", "needle"),
+    [
+        ({"image": "A", "module": "depth_midas", "model": "edges"}, "unknown ControlNet module"),
+        ({"image": "A", "module": "canny", "model": "None"}, "needs a model"),
+        ({"module": "canny", "model": "edges"}, "needs an image"),
+        ({"image": {"image": "A", "mask": "B"}, "model": "edges"}, "masks are not supported"),
+        ({"image": "A", "model": "edges", "control_mode": "Loud"}, "unknown ControlNet control"),
+        ({"image": "A", "model": "edges", "weight": "x"}, "weight must be a number"),
+        ({"image": "A", "model": "edges", "hr_option": "High res only"}, "hr_option"),
+        ("a positional list", "must be an object"),
+    ],
+)
+def test_webui_api_unit_errors_name_the_problem(unit, needle) -> None:
+    from emaki.control.webui import units_from_api
+
+    with pytest.raises(InvalidRequestError, match=needle):
+        units_from_api({"controlnet": {"args": [unit]}}, lambda text, what: _drawing())
+
+
+def test_infotext_units_read_back_from_emaki_and_from_the_extension(setup) -> None:
+    from emaki.control.webui import units_from_infotext
+    from emaki.infotext import parse_infotext
+
+    _, _, _, pipe = setup
+    made = replace(_request().control[0], module_options={"low": 40, "sigma": 1.5}, weight=0.7,
+                   guidance_end=0.6, control_mode=1, resize_mode=2)  # fmt: skip
+    result = pipe.generate(replace(_request(), control=(made,)))
+    info = parse_infotext(result.infotexts[0])
+    (back,) = units_from_infotext(info.params)
+    assert back == replace(made, image=None, module_options={"low": 40, "sigma": 1.5})
+    extension = {"ControlNet 0": "Module: canny, Model: control_v11p_sd15_canny [d14c016b], "
+                 "Weight: 1, Resize Mode: Crop and Resize, Low Vram: False, Processor Res: 512, "
+                 "Threshold A: 100, Threshold B: 200, Guidance Start: 0, Guidance End: 1, Pixel "
+                 "Perfect: False, Control Mode: ControlNet is more important, Hr Option: Both"}  # fmt: skip
+    (unit,) = units_from_infotext(extension)
+    assert (unit.model, unit.module, unit.module_options) == (
+        "control_v11p_sd15_canny", "canny", {"low": 100.0, "high": 200.0})  # fmt: skip
+    assert (unit.control_mode, unit.resize_mode, unit.image) == (2, 1, None)
+
+
+def test_from_recreates_a_controlnet_image_given_its_control_image(setup, tmp_path, capsys,
+                                                                   monkeypatch) -> None:  # fmt: skip
+    bundle, _, models, _ = setup
+    monkeypatch.setenv("EMAKI_MODELS", str(models))
+    model = save_diffusers(bundle, tmp_path / "m")
+    _drawing().save(tmp_path / "drawing.png")
+    first, again = tmp_path / "first", tmp_path / "again"
+    common = ["--model", str(model), "--steps", "3", "--width", "64", "--height", "64"]
+    assert main(["generate", "a red apple", *common, "--seed", "5", "--out", str(first),
+                 "--control", f"model=edges,image={tmp_path / 'drawing.png'},module=canny,"
+                              "weight=0.8,mode=2,low=50"]) == 0  # fmt: skip
+    (png,) = first.glob("*.png")
+    capsys.readouterr()
+    assert main(["generate", "--from", str(png), *common, "--out", str(again)]) == 2
+    err = capsys.readouterr().err
+    assert "1 ControlNet unit(s) (0: model edges, module canny)" in err and "--control-image" in err
+    assert main(["generate", "--from", str(png), *common, "--out", str(again),
+                 "--control-image", str(tmp_path / "drawing.png")]) == 0  # fmt: skip
+    (png2,) = again.glob("*.png")
+    assert np.array_equal(_pixels(Image.open(png)), _pixels(Image.open(png2)))
+    assert read_infotext(png2).params["ControlNet 0"] == read_infotext(png).params["ControlNet 0"]
+    assert main(["generate", "x", *common, "--out", str(again), "--control-image", str(png)]) == 2
+    assert "this image has none" in capsys.readouterr().err
+
+
+def test_a1111_api_runs_controlnet_units_like_the_pipeline(setup, tmp_path) -> None:
+    """``alwayson_scripts.controlnet`` gives the pipeline's image for the same unit; the
+    extension's model and module routes list what emaki has; other scripts stay refused."""
+    import base64
+    import io
+
+    from fastapi.testclient import TestClient
+
+    from emaki.server.app import create_app
+    from emaki.server.config import Limits, ServerConfig
+
+    _, _, _, pipe = setup
+    buf = io.BytesIO()
+    _drawing().save(buf, format="PNG")
+    unit = {"enabled": True, "image": base64.b64encode(buf.getvalue()).decode(),
+            "module": "canny", "model": "edges", "weight": 0.9, "control_mode": "Balanced",
+            "resize_mode": "Crop and Resize", "threshold_a": 100, "threshold_b": 200}  # fmt: skip
+    req = _request(weight=0.9)
+    body = {"prompt": req.prompt, "negative_prompt": req.negative_prompt, "steps": req.steps,
+            "sampler_name": "Euler", "scheduler": "uniform", "cfg_scale": req.cfg_scale,
+            "seed": req.seed, "width": SIZE, "height": SIZE}  # fmt: skip
+    expected = _pixels(pipe.generate(req).images[0])
+    config = ServerConfig(home=tmp_path / "server", limits=Limits(max_upload_bytes=2_000_000))
+    with TestClient(create_app(config, pipe)) as client:
+        r = client.post("/sdapi/v1/txt2img",
+                        json={**body, "alwayson_scripts": {"controlnet": {"args": [unit]}}})  # fmt: skip
+        assert r.status_code == 200, r.text
+        got = Image.open(io.BytesIO(base64.b64decode(r.json()["images"][0])))
+        assert np.array_equal(_pixels(got.convert("RGB")), expected)
+        assert "ControlNet 0" in got.info["parameters"]
+        plain = client.post("/sdapi/v1/txt2img", json=body).json()["images"][0]
+        assert plain != r.json()["images"][0]
+        assert client.get("/controlnet/model_list").json() == {"model_list": ["edges"]}
+        assert "canny" in client.get("/controlnet/module_list").json()["module_list"]
+        bad = client.post("/sdapi/v1/txt2img", json={**body, "alwayson_scripts": {"ADetailer": {}}})
+        assert bad.status_code == 400 and "ADetailer" in bad.json()["detail"]
+        bad = client.post("/sdapi/v1/txt2img", json={
+            **body, "alwayson_scripts": {"controlnet": {"args": [{**unit, "module": "openpose"}]}}})  # fmt: skip
+        assert bad.status_code == 400 and "openpose" in bad.json()["detail"]

@@ -124,7 +124,7 @@ class ControlNetUnit:
     """
 
     model: str
-    image: Image.Image
+    image: Image.Image | None  # None only in a unit read back from infotext, until it is given
     module: str = "none"
     module_options: dict[str, Any] = field(default_factory=dict)
     weight: float = 1.0
@@ -382,8 +382,11 @@ def request_from_params(
             cfg_scale=num("Hires CFG Scale", float, None),
         )
     tiled = _tiled_from_params(params)
+    from emaki.control.webui import units_from_infotext
+
     return GenerationRequest(
         prompt=prompt,
+        control=units_from_infotext(params),  # without images: the caller must supply them
         negative_prompt=negative_prompt,
         tiled=tiled,
         sampler=params.get("Sampler", GenerationRequest.sampler),

@@ -200,6 +200,11 @@ def add_request_args(g: argparse.ArgumentParser) -> None:
         "important, 2 ControlNet is more important), resize (0-2, default 1); other keys are "
         "the preprocessor's options, e.g. low=50",
     )  # fmt: skip
+    cn.add_argument(
+        "--control-image", action="append", default=[], type=Path, metavar="PATH",
+        help="with --from: the input image of each ControlNet unit the image was made with, in "
+        "order (PNGs do not store control images)",
+    )  # fmt: skip
     hr = g.add_argument_group("hires fix")
     hr.add_argument("--hires-scale", type=float, help="upscale factor of the second pass")
     hr.add_argument("--hires-resize", type=_size, metavar="WxH", help="second pass size")
@@ -266,6 +271,8 @@ def request_from_args(args: argparse.Namespace) -> GenerationRequest:
         request = replace(request, hires=hires)
     if args.control:
         request = replace(request, control=tuple(_control_unit(spec) for spec in args.control))
+    elif request.control or args.control_image:
+        request = replace(request, control=_control_images(request.control, args))
     if args.style:
         request = _with_styles(request, args)
     return request
@@ -300,6 +307,26 @@ _CONTROL_KEYS = {
     "mode": ("control_mode", int),
     "resize": ("resize_mode", int),
 }
+
+
+def _control_images(units: tuple[Any, ...], args: argparse.Namespace) -> tuple[Any, ...]:
+    """The ControlNet units read from ``--from`` infotext, with ``--control-image`` images."""
+    from emaki.imageio import read_image
+
+    images = args.control_image
+    if not units:
+        raise EmakiError("--control-image gives images to the ControlNet units of --from IMAGE; "
+                         "this image has none (use --control for new units)")  # fmt: skip
+    if len(images) != len(units):
+        described = "; ".join(
+            f"{i}: model {u.model}, module {u.module}" for i, u in enumerate(units)
+        )
+        raise EmakiError(
+            f"{args.from_image} was made with {len(units)} ControlNet unit(s) ({described}). PNGs "
+            f"do not store control images: give each unit's input image with --control-image "
+            f"PATH, in order (got {len(images)}), or replace the units with --control"
+        )
+    return tuple(replace(u, image=read_image(path)) for u, path in zip(units, images, strict=True))
 
 
 def _control_unit(spec: str) -> Any:

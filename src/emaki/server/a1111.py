@@ -9,6 +9,8 @@ A1111 clients work unchanged. Differences, each deliberate:
 * fields that ask for something emaki does not do (face restoration, a refiner, scripts) are
   refused with a message rather than ignored, so a client never gets a silently different
   image; fields with their default "off" values are accepted;
+* of ``alwayson_scripts``, the ControlNet extension's ``controlnet`` is run
+  (:mod:`emaki.control.webui` maps its units); any other script is refused;
 * unknown fields are ignored, as clients send fields of newer and older A1111 versions.
 """
 
@@ -19,8 +21,11 @@ from collections.abc import Callable
 from dataclasses import replace
 from typing import Any
 
+from PIL import Image
+
+from emaki.control.webui import units_from_api
 from emaki.errors import InvalidRequestError
-from emaki.request import GenerationRequest, HiresFix, InitImage
+from emaki.request import ControlNetUnit, GenerationRequest, HiresFix, InitImage
 from emaki.server.payload import Uploads
 
 #: A1111 field -> (GenerationRequest field, type)
@@ -66,9 +71,15 @@ def _check_supported(body: dict[str, Any]) -> None:
     for key, is_off in _UNSUPPORTED.items():
         if key in body and not is_off(body[key]):
             raise InvalidRequestError(f"emaki does not support {key}={body[key]!r}")
-    if body.get("alwayson_scripts"):
-        names = ", ".join(sorted(body["alwayson_scripts"]))
-        raise InvalidRequestError(f"emaki does not run A1111 scripts ({names})")
+    scripts = body.get("alwayson_scripts") or {}
+    if not isinstance(scripts, dict):
+        raise InvalidRequestError("alwayson_scripts must be an object of script name -> args")
+    others = sorted(name for name in scripts if name.lower() != "controlnet")
+    if others:
+        raise InvalidRequestError(
+            f"emaki does not run A1111 scripts ({', '.join(others)}); of alwayson_scripts it "
+            "runs only controlnet"
+        )
 
 
 def _common(body: dict[str, Any], current_model: str | None) -> dict[str, Any]:
@@ -108,12 +119,27 @@ def _common(body: dict[str, Any], current_model: str | None) -> dict[str, Any]:
     return kw
 
 
-def txt2img_request(body: dict[str, Any], *, current_model: str | None = None) -> GenerationRequest:
-    """A ``POST /sdapi/v1/txt2img`` body as a request (styles are returned for the caller)."""
+def _control(
+    body: dict[str, Any], uploads: Uploads | None, init: Image.Image | None = None
+) -> tuple[ControlNetUnit, ...]:
+    scripts = body.get("alwayson_scripts") or {}
+    if not scripts:
+        return ()
+    if uploads is None:
+        raise InvalidRequestError("ControlNet units need an upload store (server set-up)")
+    return units_from_api(scripts, uploads.decode_base64, init)
+
+
+def txt2img_request(
+    body: dict[str, Any], *, current_model: str | None = None, uploads: Uploads | None = None
+) -> GenerationRequest:
+    """A ``POST /sdapi/v1/txt2img`` body as a request (styles are returned for the caller).
+
+    ``uploads`` decodes the images of ControlNet units, when the body has any."""
     kw = _common(body, current_model)
     kw.pop("_styles", None)
     strength = kw.pop("denoising_strength", None)
-    request = GenerationRequest(**kw)
+    request = GenerationRequest(**kw, control=_control(body, uploads))
     if body.get("enable_hr"):
         hires = HiresFix(
             scale=float(body.get("hr_scale", 2.0)),
@@ -159,7 +185,7 @@ def img2img_request(
         inpainting_mask_invert=bool(body.get("inpainting_mask_invert", 0)),
         initial_noise_multiplier=float(body.get("initial_noise_multiplier") or 1.0),
     )
-    return GenerationRequest(**kw, init=init)
+    return GenerationRequest(**kw, init=init, control=_control(body, uploads, image))
 
 
 def _int(body: dict[str, Any], key: str, default: int) -> int:

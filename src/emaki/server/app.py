@@ -231,7 +231,7 @@ def create_app(config: ServerConfig, pipeline: Any) -> FastAPI:
         if img2img:
             req = a1111.img2img_request(body, uploads, current_model=title)
         else:
-            req = a1111.txt2img_request(body, current_model=title)
+            req = a1111.txt2img_request(body, current_model=title, uploads=uploads)
         names = a1111.styles_of(body)
         req = _apply_styles(req, names, _load_styles(pipeline) if names else {})
         job = submit(req, "img2img" if img2img else "txt2img")
@@ -384,6 +384,16 @@ def create_app(config: ServerConfig, pipeline: Any) -> FastAPI:
             {"name": e.name, "alias": e.name, "path": e.path.name, "metadata": {}}
             for e in library("lora")
         ]
+
+    @app.get("/controlnet/model_list")  # the ControlNet extension's routes that clients query
+    async def controlnet_models() -> dict[str, Any]:
+        return {"model_list": [e.name for e in library("controlnet")]}
+
+    @app.get("/controlnet/module_list")
+    async def controlnet_modules() -> dict[str, Any]:
+        from emaki.control.webui import module_list
+
+        return {"module_list": module_list()}
 
     @app.get("/sdapi/v1/embeddings")
     async def embeddings() -> dict[str, Any]:
