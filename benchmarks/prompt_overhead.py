@@ -10,8 +10,19 @@ on the same pipeline:
   after the first request, so warm runs reuse it) and encoding every scheduled text;
 * the ratio ``stages / (full - stages)``, i.e. the overhead on top of sampling and decoding.
 
-Cold numbers (first request: LoRA files read, clone made, texts encoded) and warm numbers
-(repeated requests: the clone is reused, texts encoded again) are both printed.
+Three cases are printed:
+
+* cold: the first request (LoRA files read and hashed, clone made, every chunk encoded);
+* new prompt: a warm pipeline (files read and clone made before) whose text-encoder cache is
+  emptied before each run, so every chunk is encoded again, as for a prompt never seen before;
+* one phrase edited: the prompt with its last phrase replaced by one never used before, as a
+  user tweaks a prompt between generations: the chunks before it come from the text encoder's
+  cache, the changed ones are encoded;
+* repeated prompt: the same request again, whose chunks come from the text encoder's cache
+  (A1111 likewise reuses the conditioning of an unchanged prompt).
+
+The prompt grows until every scheduled text (the prompt with its editing resolved, as the text
+encoder sees it) has at least ``--tokens`` tokens.
 
 With ``--model`` it times a trained model folder (e.g. ``src/emaki/default_model``); without,
 the default model if it is installed, else its architecture with random weights (speed does not
@@ -23,6 +34,7 @@ depend on the weights; see default_model_speed.py).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import platform
 import statistics
 import sys
@@ -45,18 +57,48 @@ from emaki.request import GenerationRequest  # noqa: E402
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from default_model_speed import random_default_bundle  # noqa: E402
 
-WORDS = (
-    "grinning face, red apple, [cat:dog:0.3] face, (sun with face:1.2), rocket, "
-    "[heart|star] shape, [green:blue:8] leaf, flat style, ((bright colors)), simple shapes, "
-)
+COLOURS = ("red", "orange", "yellow", "green", "blue", "purple", "pink", "brown", "black",
+           "white", "grey", "gold", "silver")  # fmt: skip
+NOUNS = ("apple", "cat", "dog", "rocket", "heart", "star", "sun", "moon", "tree", "flower",
+         "fish", "car", "house", "face", "hand", "ball", "book", "cup", "leaf", "cloud", "bird")  # fmt: skip
 
 
-def long_prompt(pipe: Pipeline, tokens: int) -> str:
-    """Repeat WORDS until the prompt has at least ``tokens`` tokens, then add 3 LoRA tags."""
-    text = ""
-    while len(pipe.text.tokenize(text)) < tokens:
-        text += WORDS
-    return text + "<lora:one:0.8> <lora:two:0.5> <lora:three:te=0.3:unet=0.7>"
+def phrase(i: int) -> str:
+    """The i-th phrase of the long prompt: no two alike, with prompt editing (switching at 30 %
+    and 60 % of the steps), alternation and emphasis spread through it, so that every chunk of
+    the prompt differs from the others and between the scheduled texts."""
+    colour, noun = COLOURS[i % len(COLOURS)], NOUNS[(i * 5) % len(NOUNS)]
+    other = NOUNS[(i * 5 + 3) % len(NOUNS)]
+    if i % 4 == 0:
+        return f"[{colour} {noun}:{other}:{0.3 if i % 8 == 0 else 0.6}]"
+    if i % 4 == 2:
+        return f"[{noun}|{other}] in {colour}"
+    return f"({colour} {noun}:1.2)" if i % 3 == 0 else f"{colour} {noun}"
+
+
+LORA_TAGS = " <lora:one:0.8> <lora:two:0.5> <lora:three:te=0.3:unet=0.7>"
+
+
+def long_prompt(pipe: Pipeline, tokens: int) -> int:
+    """How many phrases make each scheduled text at least ``tokens`` tokens long."""
+    from emaki.prompts.encode import encode_prompts
+
+    def shortest(text: str) -> int:  # the negative prompt "" is not one of the texts counted
+        encoded = encode_prompts(pipe.text, text, "", 20).tokens
+        return min(t.token_count for key, t in encoded.items() if key)
+
+    count = 8
+    while shortest(", ".join(phrase(i) for i in range(count))) < tokens:
+        count += 4
+    return count
+
+
+def prompt_of(count: int, last: int | None = None) -> str:
+    """``count`` phrases with 3 LoRA tags; ``last`` replaces the final phrase by phrase(last)."""
+    phrases = [phrase(i) for i in range(count)]
+    if last is not None:
+        phrases[-1] = phrase(last)
+    return ", ".join(phrases) + LORA_TAGS
 
 
 def write_loras(pipe: Pipeline, folder: Path, rank: int = 8) -> None:
@@ -111,40 +153,62 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         pipe = Pipeline(bundle, models=Path(tmp))
         write_loras(pipe, Path(tmp))
-        prompt = long_prompt(pipe, args.tokens)
+        count = long_prompt(pipe, args.tokens)
+        prompt = prompt_of(count)
         req = GenerationRequest(prompt=prompt, steps=args.steps, seed=1, cfg_scale=5.0)
+        edits = iter(range(count, 10**6))  # phrases the prompt never had
+
+        def edited() -> GenerationRequest:
+            return dataclasses.replace(req, prompt=prompt_of(count, next(edits)))
+
         plain = GenerationRequest(prompt="grinning face", steps=args.steps, seed=1, cfg_scale=5.0)
         r = pipe.resolve(req)
         encoded = pipe.conditioning(r, pipe.adapted(r)[1])
         texts = len(encoded.tokens)
         counts = sorted({t.token_count for t in encoded.tokens.values()})
+        chunks = len({c for t in encoded.tokens.values() for c in t.ids})
 
         cold_stages = stage_seconds(Pipeline(bundle, models=Path(tmp)), req)
         t = time.perf_counter()
         Pipeline(bundle, models=Path(tmp)).generate(req)
         cold_full = time.perf_counter() - t
 
+        text = pipe.adapted(pipe.resolve(req))[1]
         pipe.generate(req)  # warm-up
-        fulls, stages, plains = [], [], []
+        cases = ("new", "edit", "rep")
+        times: dict[str, list[float]] = {k: [] for c in cases for k in (c, f"{c}_stages")}
+        plains = []
         for _ in range(args.runs):
-            t = time.perf_counter()
-            pipe.generate(req)
-            fulls.append(time.perf_counter() - t)
-            stages.append(stage_seconds(pipe, req))
+            for case in cases:
+                if case == "new":
+                    text.clear_cache()
+                t = time.perf_counter()
+                pipe.generate(edited() if case == "edit" else req)
+                times[case].append(time.perf_counter() - t)
+                pipe.conditioning(pipe.resolve(req), text)  # the unedited prompt is cached
+                if case == "new":
+                    text.clear_cache()
+                times[f"{case}_stages"].append(
+                    stage_seconds(pipe, edited() if case == "edit" else req)
+                )
             t = time.perf_counter()
             pipe.generate(plain)
             plains.append(time.perf_counter() - t)
-    full, stage, short = (statistics.median(v) for v in (fulls, stages, plains))
+    med = {k: statistics.median(v) for k, v in times.items()}
+    short = statistics.median(plains)
     print(f"machine: {platform.processor() or platform.machine()}, torch {torch.__version__}, "
           f"threads {torch.get_num_threads()}; model: {model or 'default architecture, random weights'}")  # fmt: skip
-    print(f"prompt: {counts} tokens per scheduled text, {texts} distinct texts, 3 LoRAs, "
-          f"{args.steps} steps")  # fmt: skip
-    print(f"warm: generate {full:.3f} s, prompt+LoRA stages {stage:.3f} s, "
-          f"overhead {stage / (full - stage):.2%}")  # fmt: skip
+    print(f"prompt: {len(prompt)} characters, {counts} tokens per scheduled text, {texts} distinct "
+          f"texts, {chunks} distinct chunks, 3 LoRAs, {args.steps} steps")  # fmt: skip
     print(f"cold: prompt+LoRA stages {cold_stages:.3f} s of {cold_full:.3f} s, "
           f"overhead {cold_stages / (cold_full - cold_stages):.2%}")  # fmt: skip
+    labels = {"new": "new prompt", "edit": "one phrase edited", "rep": "repeated prompt"}
+    for case, label in labels.items():
+        full, stage = med[case], med[f"{case}_stages"]
+        print(f"{label}: generate {full:.3f} s, prompt+LoRA stages {stage:.3f} s, "
+              f"overhead {stage / (full - stage):.2%}")  # fmt: skip
     print(f"plain short prompt, no LoRA: generate {short:.3f} s "
-          f"(long prompt + LoRAs / plain = {full / short:.3f})")  # fmt: skip
+          f"(long prompt + LoRAs, new / plain = {med['new'] / short:.3f})")  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -188,7 +188,7 @@ def test_identity_prompts_are_fixed_and_use_name_words() -> None:
 
 
 def test_model_card_is_written_from_the_records(styled_dataset: Path, tmp_path: Path) -> None:
-    from emaki.eval.card import model_card, run_summary
+    from emaki.eval.card import model_card, run_summary, summaries_from_card
 
     ds = tmp_path / "ds"
     ds.mkdir()
@@ -213,3 +213,11 @@ def test_model_card_is_written_from_the_records(styled_dataset: Path, tmp_path: 
         and "MiniLM because." in card
         and 'kind = "vae"' in card
     )
+    # A later card keeps this run's record once its folder is gone.
+    kept = summaries_from_card(card)
+    assert kept == {"vae": {**s, "run": None, "recipe": s["recipe"].strip()}}
+    again = model_card(
+        title="T", dataset=ds, runs={"vae": kept["vae"]}, eval_json=None, text_choice="M."
+    )
+    assert again.split("### Text encoder")[0] == card.split("### Text encoder")[0]
+    assert 'kind = "vae"' in again

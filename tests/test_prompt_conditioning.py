@@ -212,8 +212,8 @@ def test_chunks_shared_by_scheduled_texts_are_encoded_once(bundle, enc) -> None:
     long = ", ".join(f"word{i}" for i in range(90))  # two full chunks and more
     prompt = f"{long}, [red|green|blue] apple"
     handle = model.register_forward_hook(lambda m, i, o: calls.append(i[0].shape[0]))
-    try:
-        encoded = encode_prompts(enc, prompt, "", 20)
+    try:  # a fresh encoder: the shared one has chunks of earlier tests cached
+        encoded = encode_prompts(TextEncoder(bundle.tokenizer, model), prompt, "", 20)
     finally:
         handle.remove()
     chunks = [c for t in encoded.tokens.values() for c in t.ids]
@@ -229,6 +229,45 @@ def test_chunks_shared_by_scheduled_texts_are_encoded_once(bundle, enc) -> None:
             if c.context.shape == alone.shape and torch.allclose(c.context, alone, atol=1e-5)
         ]
         assert match or text == "", text
+
+
+def test_encoded_chunks_are_cached_and_dropped_when_the_weights_change(bundle) -> None:
+    """A repeated prompt encodes nothing; an edit re-encodes only its chunk; a weight changed in
+    place (training) drops the cache, so states always equal a fresh encoder's."""
+    import copy
+
+    model = copy.deepcopy(bundle.text_encoder)
+    te = TextEncoder(bundle.tokenizer, model)
+    calls: list[int] = []
+    handle = model.register_forward_hook(lambda m, i, o: calls.append(i[0].shape[0]))
+    long = ", ".join(f"word{i}" for i in range(90))
+    try:
+        first = encode_prompts(te, f"{long}, red apple", "", 20)
+        n = len({c for t in first.tokens.values() for c in t.ids})
+        again = encode_prompts(te, f"{long}, red apple", "", 20)
+        edited = encode_prompts(te, f"{long}, (green:1.2) apple", "", 20)
+        assert calls == [n, 1]  # nothing for the repeat; the edited last chunk only
+        assert torch.equal(
+            first.conds.parts[0][1].conds[0].context, again.conds.parts[0][1].conds[0].context
+        )
+        fresh = TextEncoder(bundle.tokenizer, bundle.text_encoder)
+        want = encode_prompts(fresh, f"{long}, (green:1.2) apple", "", 20)
+        assert torch.allclose(
+            edited.conds.parts[0][1].conds[0].context, want.conds.parts[0][1].conds[0].context
+        )
+        with torch.no_grad():
+            next(model.parameters()).mul_(1.5)
+        changed = encode_prompts(te, f"{long}, red apple", "", 20)
+        assert calls[-1] == n  # everything re-encoded with the new weights
+        ref = encode_prompts(TextEncoder(bundle.tokenizer, model), f"{long}, red apple", "", 20)
+        got, exp = (
+            changed.conds.parts[0][1].conds[0].context,
+            ref.conds.parts[0][1].conds[0].context,
+        )
+        assert torch.equal(got, exp)
+        assert not torch.allclose(got, first.conds.parts[0][1].conds[0].context)
+    finally:
+        handle.remove()
 
 
 def test_composable_parts_combine_with_their_weights() -> None:
@@ -301,6 +340,34 @@ def test_lora_tag_equals_applying_the_lora(bundle, models) -> None:
     )
     assert np.array_equal(_pixels(base.images[0]), _pixels(unpatched.images[0]))
     assert not np.array_equal(_pixels(base.images[0]), _pixels(tagged.images[0]))
+
+
+def test_lora_files_are_read_once_until_they_change(bundle, models, tmp_path, monkeypatch) -> None:
+    import shutil
+
+    import emaki.adapters.lora as lora_module
+
+    root = tmp_path / "models"
+    shutil.copytree(models, root)
+    reads: list[str] = []
+    real = lora_module.read_lora
+    monkeypatch.setattr(
+        lora_module,
+        "read_lora",
+        lambda path, *a, **k: reads.append(path.name) or real(path, *a, **k),
+    )
+    pipe = Pipeline(bundle, models=root)
+    req = GenerationRequest(prompt="a cat <lora:inkwash:0.9>", seed=3, steps=3, sampler="Euler")
+    before = pipe.generate(req)
+    assert _pixels(pipe.generate(req).images[0]).tolist() == _pixels(before.images[0]).tolist()
+    assert reads == ["inkwash.safetensors"]
+    tensors = kohya_tensors(kohya_layers(bundle, conv=False), rank=2, alpha=2.0, seed=9)
+    save(root / "lora" / "inkwash.safetensors", tensors)  # another LoRA under the same name
+    after = pipe.generate(req)
+    assert reads == ["inkwash.safetensors"] * 2
+    assert not np.array_equal(_pixels(after.images[0]), _pixels(before.images[0]))
+    ref = Pipeline(bundle, models=root).generate(req)
+    assert np.array_equal(_pixels(after.images[0]), _pixels(ref.images[0]))
 
 
 def test_separate_text_and_unet_multipliers(bundle, models) -> None:

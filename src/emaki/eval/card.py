@@ -36,17 +36,46 @@ def run_summary(run_dir: Path) -> dict[str, Any]:
     }
 
 
+def summaries_from_card(card: str) -> dict[str, dict[str, Any]]:
+    """The run summaries an earlier card recorded (its training table and recipe blocks).
+
+    A shipped model continued by a later run keeps the records of the parts trained before:
+    their run folders are gone with the machine that ran them, the card they wrote is not.
+    """
+    out: dict[str, dict[str, Any]] = {}
+    lines = card.splitlines()
+    for line in lines:
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if len(cells) == 4 and cells[1].isdigit():
+            name, steps, hours, loss = cells
+            out[name] = {
+                "run": None,
+                "steps": int(steps),
+                "hours": float(hours),
+                "last_loss": None if loss == "None" else float(loss),
+                "recipe": "",
+            }
+    for i, line in enumerate(lines):
+        name = line.removeprefix("### Recipe: ")
+        if name != line and name in out and i + 2 < len(lines) and lines[i + 2] == "```toml":
+            end = lines.index("```", i + 3)
+            out[name]["recipe"] = "\n".join(lines[i + 3 : end])
+    return out
+
+
 def model_card(
     *,
     title: str,
     dataset: Path,
-    runs: dict[str, Path],
+    runs: dict[str, Path | dict[str, Any]],
     eval_json: Path | None,
     text_choice: str,
     hardware: str | None = None,
     contact_sheet: str | None = None,
     notes: str = "",
 ) -> str:
+    """The card's Markdown. ``runs`` maps each part's name to its run folder, or to a summary
+    (``run_summary``'s dict) kept from an earlier card by ``summaries_from_card``."""
     info = json.loads((Path(dataset) / "dataset.json").read_text())
     lines = [f"# {title}", ""]
     lines += [
@@ -77,13 +106,17 @@ def model_card(
         "| part | steps | hours of training steps (set-up and caching excluded) | final loss |",
         "|---|---|---|---|",
     ]
-    summaries = {name: run_summary(path) for name, path in runs.items()}
+    summaries = {
+        name: run if isinstance(run, dict) else run_summary(run) for name, run in runs.items()
+    }
     total = 0.0
     for name, s in summaries.items():
         total += s["hours"]
         lines.append(f"| {name} | {s['steps']} | {s['hours']} | {s['last_loss']} |")
     lines += ["", f"Total: {total:.1f} hours.", "", "### Text encoder", "", text_choice, ""]
     for name, s in summaries.items():
+        if not s["recipe"]:
+            continue
         lines += [f"### Recipe: {name}", "", "```toml", s["recipe"].strip(), "```", ""]
     if eval_json is not None:
         result = json.loads(Path(eval_json).read_text())

@@ -121,6 +121,7 @@ class Pipeline:
         self._embeddings: EmbeddingLibrary | bool | None = False  # False: not looked at yet
         self._adapted: dict[tuple[Any, ...], tuple[ModelBundle, TextEncoder]] = {}
         self._controlnets: dict[str, Any] = {}  #: loaded ControlNets by file, the last four
+        self._files: dict[str, tuple[tuple[int, int], Any]] = {}  #: read adapter files
         self.text = TextEncoder(bundle.tokenizer, bundle.text_encoder)
         self.schedule = DiscreteSchedule(bundle.alphas_cumprod)
         down = 2 ** (len(bundle.vae.config.block_out_channels) - 1)
@@ -182,19 +183,38 @@ class Pipeline:
             if call.kind == "lora":
                 entry = find_model("lora", call.name, self.models)
                 te, unet = _lora_multipliers(call)
-                loras.append(
-                    (read_lora(entry.path, self.bundle, allow_pickle=self.allow_pickle), te, unet)
+                lora = self._read_cached(
+                    entry.path, lambda p: read_lora(p, self.bundle, allow_pickle=self.allow_pickle)
                 )
+                loras.append((lora, te, unet))
             elif call.kind == "hypernet":
                 entry = find_model("hypernetworks", call.name, self.models)
                 mult = _number(call.positional[0] if call.positional else "1", call)
-                hypers.append((read_hypernetwork(entry.path, allow_pickle=self.allow_pickle), mult))
+                hyper = self._read_cached(
+                    entry.path, lambda p: read_hypernetwork(p, allow_pickle=self.allow_pickle)
+                )
+                hypers.append((hyper, mult))
             else:
                 raise InvalidRequestError(
                     f"unknown extra network <{call.kind}:{call.name}>; emaki reads <lora:...> and "
                     "<hypernet:...>"
                 )
         return Adapters(tuple(loras), tuple(hypers))
+
+    def _read_cached(self, path: Path, read: Callable[[Path], Any]) -> Any:
+        """``read(path)``, reused while the file's size and modification time stay the same
+        (a prompt's LoRA files are read, and hashed, once rather than on every request)."""
+        try:
+            stat = path.stat()
+        except OSError:
+            return read(path)  # the reader names the problem
+        key, version = str(path.resolve()), (stat.st_size, stat.st_mtime_ns)
+        cached = self._files.get(key)
+        if cached is None or cached[0] != version:
+            while len(self._files) >= 32:
+                self._files.pop(next(iter(self._files)))
+            cached = self._files[key] = (version, read(path))
+        return cached[1]
 
     def adapted(self, r: Resolved) -> tuple[ModelBundle, TextEncoder]:
         """Step 2: the job's model: the shared one, or a clone with the prompt's adapters."""
@@ -228,7 +248,7 @@ class Pipeline:
 
     def _text_encoder(self, bundle: ModelBundle) -> TextEncoder:
         embeddings = self.embedding_library()
-        if embeddings is None and bundle is self.bundle:
+        if bundle is self.bundle:  # self.text holds the embeddings once they are looked up
             return self.text
         return TextEncoder(bundle.tokenizer, bundle.text_encoder, embeddings=embeddings)
 

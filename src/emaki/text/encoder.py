@@ -63,7 +63,17 @@ class TokenChunks:
 
 
 class TextEncoder:
-    """Tokenizer + text model, encoding one prompt at a time (results are cacheable)."""
+    """Tokenizer + text model, encoding one prompt at a time.
+
+    Tokenization and the states of each distinct chunk are cached: a chunk's states depend only
+    on its ids, the clip skip and the model's weights, so a prompt edited in one place re-encodes
+    only the chunks that changed, and a repeated prompt none (A1111 caches whole conditionings of
+    the last prompt; this is finer). The cache is dropped whenever a weight of the text model has
+    changed in place (training), detected by the tensors' version counters.
+    """
+
+    #: Encoded chunks kept (each is one chunk's [tokens, width] states).
+    cache_chunks = 128
 
     def __init__(
         self,
@@ -85,10 +95,19 @@ class TextEncoder:
         self.chunk_tokens = (length if 8 <= length <= 1024 else CHUNK_TOKENS + 2) - 2
         self.use_mask = bool(getattr(model.config, "use_attention_mask", False))
         self.clip_style = hasattr(getattr(model, "text_model", model), "final_layer_norm")
+        self._tokens: dict[str, tuple[int, ...]] = {}
+        self._states: dict[tuple[int, tuple[int, ...]], Tensor] = {}
+        self._states_of: tuple[int, tuple[tuple[int, int], ...]] | None = None
 
     def tokenize(self, text: str) -> list[int]:
         """BPE token ids of the text, without start/end tokens."""
-        return list(self.tokenizer(text, add_special_tokens=False, truncation=False).input_ids)
+        ids = self._tokens.get(text)
+        if ids is None:
+            if len(self._tokens) >= 4096:
+                self._tokens.clear()
+            encoded = self.tokenizer(text, add_special_tokens=False, truncation=False)
+            ids = self._tokens[text] = tuple(encoded.input_ids)
+        return list(ids)
 
     @property
     def comma_id(self) -> int | None:
@@ -189,14 +208,12 @@ class TextEncoder:
                 f"unknown emphasis mode {emphasis!r}; choose one of {', '.join(EMPHASIS_MODES)}"
             )
         model = self._model_for_ids()
-        device = next(model.parameters()).device
-        unique = list(dict.fromkeys(c for p in prompts for c in p.ids))
-        row = {c: i for i, c in enumerate(unique)}
-        states = self._hidden_states(torch.tensor(unique, device=device), clip_skip, model)
-        states = states.float()  # [distinct chunks, L, D]
+        states = self._chunk_states(
+            list(dict.fromkeys(c for p in prompts for c in p.ids)), clip_skip, model
+        )
         out: list[Conditioning] = []
         for p in prompts:
-            z = states[[row[c] for c in p.ids]]  # [chunks, L, D]
+            z = torch.stack([states[c] for c in p.ids])  # [chunks, L, D]
             if emphasis in ("Original", "No norm"):
                 weights = torch.tensor(p.multipliers, device=z.device)[:, :, None]
                 if emphasis == "Original" and bool((weights != 1).any()):
@@ -207,6 +224,32 @@ class TextEncoder:
                     z = z * weights
             out.append(Conditioning(z.reshape(1, -1, z.shape[-1])))
         return out
+
+    def _chunk_states(
+        self, chunks: list[tuple[int, ...]], clip_skip: int, model: PreTrainedModel
+    ) -> dict[tuple[int, ...], Tensor]:
+        """Each chunk's float states [L, D]: from the cache, the missing ones in one model call
+        (``encode`` runs under inference mode, so no cached state carries an autograd graph)."""
+        version = (id(model), tuple(_version(p) for p in model.parameters()))
+        if version != self._states_of:
+            self._states.clear()
+            self._states_of = version
+        missing = [c for c in chunks if (clip_skip, c) not in self._states]
+        if missing:
+            device = next(model.parameters()).device
+            new = self._hidden_states(torch.tensor(missing, device=device), clip_skip, model)
+            for c, z in zip(missing, new.float(), strict=True):
+                self._states[(clip_skip, c)] = z
+        found = {c: self._states.pop((clip_skip, c)) for c in chunks}
+        self._states.update(((clip_skip, c), z) for c, z in found.items())  # most recent last
+        while len(self._states) > max(self.cache_chunks, len(chunks)):
+            self._states.pop(next(iter(self._states)))
+        return found
+
+    def clear_cache(self) -> None:
+        """Forget the tokenized texts and encoded chunks (benchmarks time encoding with this)."""
+        self._tokens.clear()
+        self._states.clear()
 
     def _placeholder_ids(self) -> dict[str, int]:
         return self._extended_model()[1]
@@ -292,6 +335,12 @@ class TextEncoder:
         # transformers 5 flattened CLIPTextModel (no .text_model); older versions nest it.
         final_norm = getattr(model, "text_model", model).final_layer_norm
         return final_norm(out.hidden_states[-clip_skip])
+
+
+def _version(t: Tensor) -> tuple[int, int]:
+    """Where a tensor's data lives and how often it was changed in place (inference tensors,
+    such as the weights of a LoRA clone made under inference mode, count no changes)."""
+    return t.data_ptr(), -1 if t.is_inference() else t._version
 
 
 def _first_id(tokenizer: PreTrainedTokenizerBase, *names: str) -> int:
