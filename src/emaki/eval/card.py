@@ -103,7 +103,7 @@ def model_card(
         "",
     ]
     lines += [
-        "| part | steps | hours of training steps (set-up and caching excluded) | final loss |",
+        "| part | steps (last logged) | hours of training steps (set-up and caching excluded) | final loss |",
         "|---|---|---|---|",
     ]
     summaries = {

@@ -144,9 +144,31 @@ class ClassifierModelConfig:
     )
 
 
+@dataclass
+class ControlNetModelConfig:
+    """A ControlNet (Zhang et al. 2023) for a trained model, which stays frozen.
+
+    ``base`` is the model folder the ControlNet is for (a diffusers pipeline folder, such as
+    ``src/emaki/default_model``); its UNet, VAE and text encoder are used as they are. The
+    ControlNet starts as a copy of the base UNet's encoder with zero convolutions (or from the
+    ControlNet folder ``init``), and learns to follow control images that ``preprocessor``
+    (an :mod:`emaki.control.preprocess` name, e.g. ``canny``) makes from each training image.
+    ``conditioning_channels`` are the widths of the hint encoder; it downsamples
+    ``2 ** (len - 1)`` times, which must be the base VAE's factor (SD: 8, four widths).
+    """
+
+    base: Path = Path("")
+    preprocessor: str = "canny"
+    conditioning_channels: list[int] = field(default_factory=lambda: [16, 32, 96, 256])
+    min_snr_gamma: float = 5.0  # 0: plain MSE
+    noise_offset: float = 0.0
+    init: str = ""
+
+
 MODEL_CONFIGS = {
     "vae": VAEModelConfig,
     "unet": UNetModelConfig,
+    "controlnet": ControlNetModelConfig,
     "text": TextModelConfig,
     "classifier": ClassifierModelConfig,
 }
@@ -154,10 +176,16 @@ MODEL_CONFIGS = {
 
 @dataclass
 class Recipe:
-    kind: Literal["vae", "unet", "text", "classifier"]
+    kind: Literal["vae", "unet", "controlnet", "text", "classifier"]
     output: Path
     data: DataConfig
-    model: VAEModelConfig | UNetModelConfig | TextModelConfig | ClassifierModelConfig
+    model: (
+        VAEModelConfig
+        | UNetModelConfig
+        | ControlNetModelConfig
+        | TextModelConfig
+        | ClassifierModelConfig
+    )
     train: TrainConfig = field(default_factory=TrainConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)

@@ -23,6 +23,10 @@ def make_task(recipe: Recipe, accelerator: Any) -> Any:
         return VAETask(recipe, accelerator)
     if recipe.kind == "unet":
         return UNetTask(recipe, accelerator)
+    if recipe.kind == "controlnet":
+        from emaki.train.controlnet import ControlNetTask
+
+        return ControlNetTask(recipe, accelerator)
     if recipe.kind == "text":
         from emaki.train.contrastive import ContrastiveTask
 
@@ -288,6 +292,11 @@ class UNetTask(BatchesTask):
         self.vae_factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
         self.tokenizer, self.text_encoder = load_text_conditioner(cfg.text_encoder)
         self.text_encoder.requires_grad_(False)
+        self.text_id = (
+            cfg.text_encoder
+            if cfg.text_encoder == "minilm"
+            else str(Path(cfg.text_encoder).resolve())
+        )
         unet_factor = 2 ** (len(cfg.block_out_channels) - 1)
         self.data = self.batches(recipe, accelerator, multiple=self.vae_factor * unet_factor)
         torch.manual_seed(recipe.train.seed)
@@ -302,11 +311,19 @@ class UNetTask(BatchesTask):
         if recipe.train.gradient_checkpointing:
             self.unet.enable_gradient_checkpointing()
         self.scheduler = scheduler_config(cfg)
+        self.prediction_type = cfg.prediction_type
+        self.min_snr_gamma = cfg.min_snr_gamma
+        self.noise_offset = cfg.noise_offset
+        self._prepare_caches()
+
+    def _prepare_caches(self) -> None:
+        """The noise schedule's ᾱ, the VAE scale, and the text and latent caches."""
         self.alphas_cumprod = alphas_cumprod_from_scheduler_config(self.scheduler)
+        self.num_train_timesteps = int(self.alphas_cumprod.shape[0])
         self.scale = float(self.vae.config.scaling_factor)
         self._latents: dict[tuple[int, int, int], tuple[torch.Tensor, torch.Tensor]] = {}
         self._text = self._encode_captions()
-        if recipe.data.cache_latents:
+        if self.recipe.data.cache_latents:
             self._cache_latents()
 
     # caches ------------------------------------------------------------------------------------
@@ -322,12 +339,7 @@ class UNetTask(BatchesTask):
 
         captions = sorted({r.caption for r in self.data.records} | {""})
         manifest_sha = hashlib.sha256("\n".join(captions).encode()).hexdigest()
-        enc_id = (
-            self.cfg.text_encoder
-            if self.cfg.text_encoder == "minilm"
-            else str(Path(self.cfg.text_encoder).resolve())
-        )
-        path = self._cache_file("text", enc_id, manifest_sha, self.tokenizer.model_max_length)
+        path = self._cache_file("text", self.text_id, manifest_sha, self.tokenizer.model_max_length)
         if path.is_file():
             stored = load_file(str(path))
             states = stored["states"]
@@ -409,21 +421,20 @@ class UNetTask(BatchesTask):
                 post = self.vae.encode(self.data.load(ids, size).to(self.device)).latent_dist
             mean, std = post.mean.float().cpu(), post.std.float().cpu()
         cond = torch.stack([self._text[self.data.records[i].caption] for i in ids]).float()
-        return {"mean": mean, "std": std, "cond": cond}
+        return {"mean": mean, "std": std, "cond": cond, "ids": ids, "size": size}
 
-    def loss(
-        self, module: torch.nn.Module, batch: dict[str, Any], generator: torch.Generator
-    ) -> torch.Tensor:
-        cfg = self.cfg
+    def noised(self, batch: dict[str, Any], generator: torch.Generator) -> dict[str, torch.Tensor]:
+        """One batch's training problem: noisy latents, timesteps, text states (some dropped for
+        classifier-free guidance), the regression target and each sample's ᾱ_t."""
         mean, std, cond = batch["mean"], batch["std"], batch["cond"]
         n = mean.shape[0]
         latents = (mean + std * torch.randn(mean.shape, generator=generator)) * self.scale
         noise = torch.randn(mean.shape, generator=generator)
-        if cfg.noise_offset:
-            noise = noise + cfg.noise_offset * torch.randn(
+        if self.noise_offset:
+            noise = noise + self.noise_offset * torch.randn(
                 (n, mean.shape[1], 1, 1), generator=generator
             )
-        t = torch.randint(0, cfg.num_train_timesteps, (n,), generator=generator)
+        t = torch.randint(0, self.num_train_timesteps, (n,), generator=generator)
         drop = torch.rand(n, generator=generator) < self.recipe.data.caption_dropout
         if drop.any():
             cond = cond.clone()
@@ -432,17 +443,27 @@ class UNetTask(BatchesTask):
         noisy = acp.sqrt() * latents + (1 - acp).sqrt() * noise
         target = (
             noise
-            if cfg.prediction_type == "epsilon"
+            if self.prediction_type == "epsilon"
             else acp.sqrt() * noise - (1 - acp).sqrt() * latents
         )
         dev = self.device
-        pred = module(noisy.to(dev), t.to(dev), cond.to(dev)).sample.float()
-        per_sample = (pred - target.to(dev)).square().mean(dim=(1, 2, 3))
-        if cfg.min_snr_gamma > 0:
+        return {"noisy": noisy.to(dev), "t": t.to(dev), "cond": cond.to(dev),
+                "target": target.to(dev), "acp": acp.view(n)}  # fmt: skip
+
+    def weighted_loss(self, pred: torch.Tensor, problem: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Mean squared error against the target, with min-SNR-γ weights when the recipe asks."""
+        per_sample = (pred.float() - problem["target"]).square().mean(dim=(1, 2, 3))
+        if self.min_snr_gamma > 0:
             per_sample = per_sample * min_snr_weights(
-                acp.view(n), cfg.min_snr_gamma, cfg.prediction_type
-            ).to(dev)
+                problem["acp"], self.min_snr_gamma, self.prediction_type
+            ).to(self.device)
         return per_sample.mean()
+
+    def loss(
+        self, module: torch.nn.Module, batch: dict[str, Any], generator: torch.Generator
+    ) -> torch.Tensor:
+        p = self.noised(batch, generator)
+        return self.weighted_loss(module(p["noisy"], p["t"], p["cond"]).sample, p)
 
     def bundle(self, unet: torch.nn.Module) -> Any:
         from emaki.models.bundle import bundle_from_networks
