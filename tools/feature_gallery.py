@@ -5,6 +5,11 @@ cells: the input (where there is one) and what the feature makes of it, same see
 
     .venv/bin/python tools/feature_gallery.py
     .venv/bin/python tools/feature_gallery.py --model /tmp/tiny-sd1 --out /tmp/gallery --steps 4
+    .venv/bin/python tools/feature_gallery.py --only controlnet \
+        --controlnet runs/default-controlnet-canny/model
+
+The ``controlnet`` strip needs ``--controlnet`` (a ControlNet folder for the model; the
+default model's is trained by ``recipes/default-controlnet-canny.toml``).
 """
 
 from __future__ import annotations
@@ -121,6 +126,45 @@ def panorama(pipe: Any, base: GenerationRequest) -> list[Cell]:
     ]
 
 
+def _drawing(kind: str, size: int = 64) -> Image.Image:
+    """A flat drawing of filled shapes on white, as emoji are drawn: an input no model made."""
+    from PIL import ImageDraw
+
+    im = Image.new("RGB", (size, size), "white")
+    draw = ImageDraw.Draw(im)
+    m, grey = size // 8, (190, 190, 190)
+    if kind == "circle":
+        draw.ellipse([m, m + 4, size - m, size - m + 4], fill=grey)
+        draw.rectangle([size // 2 - 2, m - 4, size // 2 + 2, m + 6], fill="black")  # a stalk
+    else:  # a square face
+        draw.rounded_rectangle([m, m, size - m, size - m], radius=6, fill=grey)
+        for x in (size // 3, 2 * size // 3):
+            draw.ellipse([x - 4, size // 3, x + 4, size // 3 + 10], fill="black")
+        draw.chord([size // 4, size // 3, 3 * size // 4, 3 * size // 4 + 2], 0, 180, fill="black")
+    return im
+
+
+def controlnet(pipe: Any, base: GenerationRequest) -> list[Cell]:
+    """Canny edges of a drawing guide the model (the ControlNet named ``canny`` in the models
+    folder), next to the same prompt and seed without it."""
+    from emaki.control.preprocess import canny
+    from emaki.request import ControlNetUnit
+
+    cells: list[Cell] = []
+    for kind, prompt in (("circle", "red apple, twemoji style"),
+                         ("square", "grinning face, fluent flat style")):  # fmt: skip
+        drawing = _drawing(kind)
+        req = replace(base, prompt=prompt)
+        unit = ControlNetUnit(model="canny", image=drawing, module="canny", resize_mode=0)
+        cells += [
+            (drawing, "input"),
+            (canny(drawing), "canny"),
+            (pipe.generate(req).images[0], f"'{prompt.split(',')[0]}'"),
+            (pipe.generate(replace(req, control=(unit,))).images[0], "with ControlNet"),
+        ]
+    return cells
+
+
 FEATURES: dict[str, Callable[[Any, GenerationRequest], list[Cell]]] = {
     "img2img": txt2img_and_img2img,
     "inpainting": inpainting,
@@ -130,6 +174,7 @@ FEATURES: dict[str, Callable[[Any, GenerationRequest], list[Cell]]] = {
     "tiling": tiling,
     "xyz-plot": xyz_plot,
     "panorama": panorama,
+    "controlnet": controlnet,
 }
 
 
@@ -162,20 +207,33 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--seed", type=int, default=3)
     ap.add_argument("--only", nargs="*", choices=sorted(FEATURES), help="render only these")
+    ap.add_argument("--controlnet", type=Path, help="a Canny ControlNet folder for the model")
     args = ap.parse_args()
+    names = args.only or [n for n in FEATURES if n != "controlnet" or args.controlnet]
+    if "controlnet" in names and not args.controlnet:
+        raise SystemExit("the controlnet strip needs --controlnet FOLDER")
+
+    import shutil
+    import tempfile
 
     from emaki.models.default import default_model_path
     from emaki.pipelines.txt2img import load_pipeline
 
-    pipe = load_pipeline(args.model or default_model_path())
+    models = Path(tempfile.mkdtemp(prefix="emaki-gallery-models-"))
+    if args.controlnet:  # the models folder lists real folders only (no links)
+        shutil.copytree(args.controlnet, models / "controlnet" / "canny")
+    pipe = load_pipeline(args.model or default_model_path(), models=models)
     base = GenerationRequest(
         "red apple, twemoji style", steps=args.steps, seed=args.seed, cfg_scale=5.0
     )
     args.out.mkdir(parents=True, exist_ok=True)
-    for name in args.only or FEATURES:
-        path = args.out / f"{name}.png"
-        strip(FEATURES[name](pipe, base), 160).save(path)
-        print(path)
+    try:
+        for name in names:
+            path = args.out / f"{name}.png"
+            strip(FEATURES[name](pipe, base), 160).save(path)
+            print(path)
+    finally:
+        shutil.rmtree(models)
 
 
 if __name__ == "__main__":
