@@ -3,7 +3,6 @@ exact resume, and an export that the pipeline loads and that changes its images.
 
 from __future__ import annotations
 
-import csv
 import dataclasses
 import shutil
 from pathlib import Path
@@ -23,7 +22,7 @@ from emaki.train.data import load_fitted
 from emaki.train.loop import step_generator, train
 from emaki.train.recipe import RecipeError, parse_recipe
 
-from train_fixtures import denoiser_parts, unet_recipe
+from train_fixtures import denoiser_parts, logged_losses, unet_recipe
 
 
 @pytest.fixture(scope="module")
@@ -96,8 +95,7 @@ def test_control_images_are_the_preprocessor_on_the_latents_crop(
     base: dict[str, Path], tmp_path: Path
 ) -> None:
     task = _task(_recipe(base, tmp_path / "run"))
-    size_of = {i: task.data.batcher.a.buckets[b] for b, ids in task.data.batcher.a.members.items()
-               for i in ids}  # fmt: skip
+    size_of = task.bucket_sizes()
     for i in (0, 1, 5):
         size = size_of[i]
         picture = load_fitted(Path(base["data"]) / task.data.records[i].file, size, None, False)
@@ -112,11 +110,6 @@ def test_control_images_are_the_preprocessor_on_the_latents_crop(
     again = _task(_recipe(base, tmp_path / "run"))
     assert again._hints.keys() == task._hints.keys()
     assert all(torch.equal(again._hints[k], task._hints[k]) for k in task._hints)
-
-
-def _losses(run: Path) -> list[str]:
-    with (run / "log.csv").open() as f:
-        return [r["loss"] for r in csv.DictReader(f)]
 
 
 def test_training_changes_only_the_controlnet_and_its_export_guides_the_pipeline(
@@ -159,12 +152,12 @@ def _with(req: GenerationRequest, unit: ControlNetUnit) -> GenerationRequest:
     return dataclasses.replace(req, control=(unit,))
 
 
-def test_resume_reproduces_the_losses(base: dict[str, Path], tmp_path: Path) -> None:
+def test_resume_reproduces_thelogged_losses(base: dict[str, Path], tmp_path: Path) -> None:
     train(parse_recipe(_recipe(base, tmp_path / "full", steps=5)), progress=False)
     part = tmp_path / "part"
     train(parse_recipe(_recipe(base, part, steps=5)), stop_after=3, progress=False)
     train(parse_recipe(_recipe(base, part, steps=5)), progress=False)
-    assert _losses(part) == _losses(tmp_path / "full")
+    assert logged_losses(part) == logged_losses(tmp_path / "full")
 
 
 def test_init_continues_from_a_controlnet(base: dict[str, Path], tmp_path: Path) -> None:

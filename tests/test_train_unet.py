@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import csv
 from pathlib import Path
 
 import numpy as np
@@ -18,17 +17,12 @@ from emaki.train.loop import train
 from emaki.train.recipe import parse_recipe
 from emaki.train.tasks import min_snr_weights
 
-from train_fixtures import denoiser_parts, unet_recipe
+from train_fixtures import denoiser_parts, logged_losses, unet_recipe
 
 
 @pytest.fixture(scope="module")
 def parts(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     return denoiser_parts(tmp_path_factory.mktemp("unet-parts"))
-
-
-def _losses(run: Path) -> list[str]:
-    with (run / "log.csv").open() as f:
-        return [r["loss"] for r in csv.DictReader(f)]
 
 
 def test_train_export_and_generate_in_emaki_and_diffusers(
@@ -78,7 +72,7 @@ def test_resume_reproduces_losses_with_cached_latents(
     part = tmp_path / "part"
     train(parse_recipe(unet_recipe(parts, part, steps=5)), stop_after=3, progress=False)
     train(parse_recipe(unet_recipe(parts, part, steps=5)), progress=False)
-    assert _losses(part) == _losses(tmp_path / "full")
+    assert logged_losses(part) == logged_losses(tmp_path / "full")
 
 
 def test_v_prediction_is_recorded_in_the_export(parts: dict[str, Path], tmp_path: Path) -> None:

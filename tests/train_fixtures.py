@@ -116,3 +116,11 @@ sample_every = 4
 sample_prompts = ["a red shape", "a blue shape"]
 sample_steps = 3
 """
+
+
+def logged_losses(run: Path) -> list[str]:
+    """The loss column of a run's log.csv, as written."""
+    import csv
+
+    with (run / "log.csv").open() as f:
+        return [r["loss"] for r in csv.DictReader(f)]

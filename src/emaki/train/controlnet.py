@@ -17,7 +17,6 @@ Exported as a diffusers ``ControlNetModel`` folder, which ``--control model=PATH
 
 from __future__ import annotations
 
-import hashlib
 import json
 import tempfile
 from pathlib import Path
@@ -139,13 +138,9 @@ class ControlNetTask(UNetTask):
         """Every record's control image at its bucket, computed once and kept in the run folder."""
         from safetensors.torch import load_file, save_file
 
-        a = self.data.batcher.a
-        size_of = {i: a.buckets[b] for b, ids in a.members.items() for i in ids}
-        manifest = hashlib.sha256(
-            "\n".join(f"{r.file}:{r.sha256}" for r in self.data.records).encode()
-        ).hexdigest()
+        size_of = self.bucket_sizes()
         path = self._cache_file(
-            "hints", manifest, self.cfg.preprocessor, self.recipe.data.resolution,
+            "hints", self.manifest_sha(), self.cfg.preprocessor, self.recipe.data.resolution,
             self.recipe.data.bucketing,
         )  # fmt: skip
         if path.is_file():

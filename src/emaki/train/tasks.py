@@ -328,6 +328,17 @@ class UNetTask(BatchesTask):
 
     # caches ------------------------------------------------------------------------------------
 
+    def bucket_sizes(self) -> dict[int, tuple[int, int]]:
+        """Each record's bucket size (what its cached latent and control image are made at)."""
+        a = self.data.batcher.a
+        return {i: a.buckets[b] for b, ids in a.members.items() for i in ids}
+
+    def manifest_sha(self) -> str:
+        """A hash of the records' files and contents, part of every per-image cache key."""
+        return hashlib.sha256(
+            "\n".join(f"{r.file}:{r.sha256}" for r in self.data.records).encode()
+        ).hexdigest()
+
     def _cache_file(self, kind: str, *parts: Any) -> Path:
         key = hashlib.sha256(json.dumps([str(p) for p in parts]).encode()).hexdigest()[:16]
         return self.run_dir / "cache" / f"{kind}-{key}.safetensors"
@@ -359,11 +370,8 @@ class UNetTask(BatchesTask):
     def _cache_latents(self) -> None:
         from safetensors.torch import load_file, save_file
 
-        a = self.data.batcher.a
-        size_of = {i: a.buckets[b] for b, ids in a.members.items() for i in ids}
-        manifest = hashlib.sha256(
-            "\n".join(f"{r.file}:{r.sha256}" for r in self.data.records).encode()
-        ).hexdigest()
+        size_of = self.bucket_sizes()
+        manifest = self.manifest_sha()
         vae_sha = hashlib.sha256(
             b"".join(t.cpu().numpy().tobytes() for t in self.vae.state_dict().values())
         ).hexdigest()
