@@ -55,6 +55,11 @@ def inpainting(pipe: Any, base: GenerationRequest) -> list[Cell]:
             init=InitImage(source, mask=mask, mask_blur=2, inpainting_fill=fill),
         )  # fmt: skip
         cells.append((pipe.generate(req).images[0], f"inpaint, {name}"))
+    only = InitImage(source, mask=mask, mask_blur=2, inpaint_full_res=True,
+                     inpaint_full_res_padding=8)  # fmt: skip
+    req = replace(base, prompt="face with open mouth, twemoji style", denoising_strength=0.9,
+                  init=only)  # fmt: skip
+    cells.append((pipe.generate(req).images[0], "only masked, pad 8"))
     return cells
 
 
@@ -115,6 +120,45 @@ def xyz_plot(pipe: Any, base: GenerationRequest) -> list[Cell]:
     return [(result.sheet, "emaki plot --x 'CFG Scale: 1, 3, 7' --y 'Sampler: Euler a, DPM++ 2M'")]
 
 
+def prompt_matrix(pipe: Any, base: GenerationRequest) -> list[Cell]:
+    from emaki.plots.matrix import run_prompt_matrix
+
+    req = replace(base, prompt="cat face|twemoji style|red")
+    result = run_prompt_matrix(lambda r, m: pipe.generate(r), req)
+    return [(result.grid, "emaki matrix 'cat face|twemoji style|red'")]
+
+
+def _changed(a: Image.Image, b: Image.Image) -> Image.Image:
+    """Where two images differ: the per-pixel difference, amplified, dark = changed."""
+    import numpy as np
+
+    d = np.abs(np.asarray(a, dtype=np.int16) - np.asarray(b, dtype=np.int16)).max(axis=2)
+    return Image.fromarray((255 - np.clip(d * 4, 0, 255)).astype(np.uint8)).convert("RGB")
+
+
+def diffedit(pipe: Any, base: GenerationRequest) -> list[Cell]:
+    """DiffEdit makes its own mask from two prompts; the change is kept to where they differ."""
+    source = pipe.generate(base).images[0]
+    cells = [(source, base.prompt.split(",")[0])]
+    for prompt in ("red heart, twemoji style", "red star, twemoji style"):
+        init = InitImage(source, diffedit_source=base.prompt, inpainting_fill=2, mask_blur=1)
+        req = replace(base, prompt=prompt, denoising_strength=1.0, init=init)
+        out = pipe.generate(req).images[0]
+        cells += [
+            (out, f"DiffEdit -> '{prompt.split(',')[0]}'"),
+            (_changed(source, out), "changed"),
+        ]
+    return cells
+
+
+def sag(pipe: Any, base: GenerationRequest) -> list[Cell]:
+    req = replace(base, prompt="cat face, twemoji style")
+    return [
+        (pipe.generate(replace(req, sag_scale=scale)).images[0], f"SAG scale {scale}")
+        for scale in (0.0, 0.75, 1.5)
+    ]
+
+
 def panorama(pipe: Any, base: GenerationRequest) -> list[Cell]:
     from emaki.request import RegionPrompt, TiledDiffusion
 
@@ -173,7 +217,10 @@ FEATURES: dict[str, Callable[[Any, GenerationRequest], list[Cell]]] = {
     "variations": variations,
     "tiling": tiling,
     "xyz-plot": xyz_plot,
+    "prompt-matrix": prompt_matrix,
     "panorama": panorama,
+    "diffedit": diffedit,
+    "sag": sag,
     "controlnet": controlnet,
 }
 

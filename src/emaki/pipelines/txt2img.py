@@ -433,9 +433,10 @@ class Pipeline:
         )  # fmt: skip
         if not bool(mask.any()):
             raise InvalidRequestError(
-                "DiffEdit found nothing to change: the source prompt and the prompt make the "
-                "model predict the same noise everywhere; describe the image in the source "
-                "prompt and the edit in the prompt"
+                "DiffEdit found nothing to change: nowhere do the source prompt and the prompt "
+                "make the model predict noise that differs more than elsewhere (the mask keeps "
+                "what differs over 1.5 times the mean); describe the image in the source prompt "
+                "and an edit of its shape in the prompt, or give a mask"
             )
         (mask_image,) = mask_to_images(mask, image.size)
         edited = replace(init, image=image, mask=mask_image, resize_mode=0)
