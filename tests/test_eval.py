@@ -12,7 +12,7 @@ from PIL import Image, ImageDraw
 from scipy import linalg
 
 from emaki.cli import main
-from emaki.data.manifest import Record
+from emaki.data.manifest import Record, read_manifest
 from emaki.eval.evaluator import Evaluator, frechet_distance, identity_classes
 from emaki.eval.run import Setting, evaluate, identity_prompts, markdown_table
 from emaki.models.saving import save_diffusers
@@ -162,9 +162,19 @@ def test_evaluate_end_to_end_on_a_tiny_model(evaluator_dir: Path, tmp_path: Path
     assert result["prompts"] == 5 and len(result["results"]) == 2
     for row in result["results"]:
         assert 0 <= row["top1"] <= row["top5"] <= 1 and row["fd"] >= 0
-    assert result["real_reference"]["fd_real_half_vs_half"] >= 0
+    ref = result["real_reference"]
+    assert ref["fd_real_half_vs_half"] >= 0
+    # The autoencoder's ceiling: all 12 held-out images, as drawn and through the tiny model's VAE.
+    ev = Evaluator.load(evaluator_dir)
+    data = Path(ev.config["dataset"])
+    held = [r for r in read_manifest(data) if r.style == "offset style" and r.name in ev.index]
+    drawn = [Image.open(data / r.file).convert("RGB").resize((result["size"],) * 2, Image.Resampling.LANCZOS) for r in held]  # fmt: skip
+    assert ref["autoencoder_images"] == len(held) == 12
+    assert (ref["holdout_sample_top1"], ref["holdout_sample_top5"]) == ev.accuracy(drawn, [[r.name] for r in held])  # fmt: skip
+    assert 0 <= ref["autoencoder_top1"] <= ref["autoencoder_top5"] <= 1
     table = markdown_table(result)
     assert "| Euler | 2 |" in table and "| DPM++ 2M | 3 |" in table
+    assert "Through the model's autoencoder, 12 of those held-out images" in table
     # CLI: JSON output and clear errors.
     out = tmp_path / "r.json"
     argv = ["eval", "--model", str(model), "--evaluator", str(evaluator_dir), "--prompts", "3", "--steps", "2",

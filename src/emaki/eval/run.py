@@ -9,6 +9,8 @@ seed from the identities the evaluator knows), the model generates one image per
 * Fréchet distance between the evaluator's features of the generated images and of real images
   (next to the distance between two halves of the real images, the floor for this feature set
   and sample size);
+* the autoencoder's ceiling: the evaluator on held-out real images encoded and decoded by the
+  model's autoencoder, next to the same images as drawn;
 * paraphrase adherence: the same on prompts that describe identities in other words, split into
   those whose content words never occur in the training captions and the rest.
 """
@@ -22,6 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
 from PIL import Image
 
 from emaki.data.captions import name_words
@@ -86,6 +89,7 @@ def evaluate(
     real = rng.sample(real, min(real_images, len(real)))
     real_feats = ev.features(load_real_images(data, real))
     half = len(real_feats) // 2
+    ceiling = autoencoder_reference(pipe, ev, data, records, size)
     out: dict[str, Any] = {
         "model": str(model),
         "evaluator": str(evaluator_dir),
@@ -98,6 +102,7 @@ def evaluate(
             "evaluator_holdout_top5": ev.config["scores"].get("holdout_top5"),
             "fd_real_half_vs_half": frechet_distance(real_feats[:half], real_feats[half:]),
             "real_images": len(real_feats),
+            **ceiling,
         },
         "paraphrases": {"all": len(para), "unseen_words": len(unseen_idx)},
         "results": [],
@@ -123,6 +128,43 @@ def evaluate(
     return out
 
 
+def autoencoder_reference(
+    pipe: Any, ev: Evaluator, data: Path, records: list[Any], size: int, n: int = 500
+) -> dict[str, Any]:
+    """The evaluator on held-out real images before and after the model's autoencoder.
+
+    Up to ``n`` images of the evaluator's held-out style, at the model's size, scored as they are
+    and after encoding and decoding (posterior mean): what the autoencoder alone costs, i.e. the
+    adherence a perfect denoiser could reach through it.
+    """
+    from emaki.latents import decode, encode, from_pil, to_pil
+
+    style = ev.config["scores"].get("holdout_style")
+    held = [r for r in records if r.style == style and r.name in ev.index]
+    if not held:
+        return {}
+    held = random.Random(2).sample(held, min(n, len(held)))
+    images = [
+        im.resize((size, size), Image.Resampling.LANCZOS) for im in load_real_images(data, held)
+    ]
+    vae, fmt = pipe.bundle.vae, pipe.latent_format
+    rebuilt: list[Image.Image] = []
+    with torch.inference_mode():
+        for k in range(0, len(images), 32):
+            x = torch.cat([from_pil(im) for im in images[k : k + 32]])
+            rebuilt += to_pil(decode(vae, encode(vae, x, fmt, mean=True), fmt))
+    targets = [[r.name] for r in held]
+    top1, top5 = ev.accuracy(images, targets)
+    ae1, ae5 = ev.accuracy(rebuilt, targets)
+    return {
+        "autoencoder_images": len(held),
+        "holdout_sample_top1": top1,
+        "holdout_sample_top5": top5,
+        "autoencoder_top1": ae1,
+        "autoencoder_top5": ae5,
+    }
+
+
 def format_row(row: dict[str, Any]) -> str:
     extra = ""
     if "paraphrase_top5" in row:
@@ -141,6 +183,15 @@ def markdown_table(result: dict[str, Any]) -> str:
         f"Evaluator on real images of a held-out style ({ref['evaluator_holdout_style']}): "
         f"top-1 {ref['evaluator_holdout_top1']:.3f}, top-5 {ref['evaluator_holdout_top5']:.3f}. "
         f"FD between two halves of {ref['real_images']} real images: {ref['fd_real_half_vs_half']:.2f}.",
+    ]
+    if "autoencoder_top5" in ref:
+        lines[0] += (
+            f" Through the model's autoencoder, {ref['autoencoder_images']} of those held-out "
+            f"images score top-1 {ref['autoencoder_top1']:.3f}, top-5 {ref['autoencoder_top5']:.3f} "
+            f"(as drawn: {ref['holdout_sample_top1']:.3f}, {ref['holdout_sample_top5']:.3f}): "
+            "the most a denoiser can reach through this autoencoder."
+        )
+    lines += [
         "",
         "| sampler | steps | top-1 | top-5 | FD | paraphrase top-5 | unseen-word paraphrase top-5 | s/image |",
         "|---|---|---|---|---|---|---|---|",
