@@ -152,7 +152,7 @@ def _with(req: GenerationRequest, unit: ControlNetUnit) -> GenerationRequest:
     return dataclasses.replace(req, control=(unit,))
 
 
-def test_resume_reproduces_thelogged_losses(base: dict[str, Path], tmp_path: Path) -> None:
+def test_resume_reproduces_the_logged_losses(base: dict[str, Path], tmp_path: Path) -> None:
     train(parse_recipe(_recipe(base, tmp_path / "full", steps=5)), progress=False)
     part = tmp_path / "part"
     train(parse_recipe(_recipe(base, part, steps=5)), stop_after=3, progress=False)

@@ -16,6 +16,7 @@ record the current card has of it.
 from __future__ import annotations
 
 import argparse
+import re
 import shutil
 from pathlib import Path
 
@@ -37,8 +38,8 @@ def main() -> None:
     ap.add_argument(
         "--continuations",
         type=int,
-        default=4,
-        help="the sequence's last continuation N (runs/default-unet-2 … runs/default-unet-N)",
+        help="the sequence's last continuation N (runs/default-unet-2 … runs/default-unet-N; "
+        "default: the highest N among the run folders and the current card's records)",
     )
     ap.add_argument("--vae-run", type=Path, default=ROOT / "runs/default-vae")
     ap.add_argument("--evaluator-run", type=Path, default=ROOT / "runs/evaluator")
@@ -52,9 +53,16 @@ def main() -> None:
     from emaki.eval.card import model_card, summaries_from_card
     from emaki.models.default import package_default
 
+    old_card = args.out / "MODEL_CARD.md"
+    earlier = summaries_from_card(old_card.read_text()) if old_card.exists() else {}
+    last = args.continuations or max(
+        [1]
+        + [int(m) for p in (ROOT / "runs").glob("default-unet-*") if (m := p.name[13:]).isdigit()]
+        + [int(m) for n in earlier for m in re.findall(r"default-unet-(\d+)\.toml", n)]
+    )
     continued = {
         f"denoiser, continued (recipes/default-unet-{n}.toml)": ROOT / f"runs/default-unet-{n}"
-        for n in range(2, args.continuations + 1)
+        for n in range(2, last + 1)
     }
     parts = {
         "autoencoder (recipes/default-vae.toml)": args.vae_run,
@@ -62,8 +70,6 @@ def main() -> None:
         **continued,
         "evaluator, not shipped (recipes/evaluator.toml)": args.evaluator_run,
     }
-    old_card = args.out / "MODEL_CARD.md"
-    earlier = summaries_from_card(old_card.read_text()) if old_card.exists() else {}
     runs = {}
     for name, run in parts.items():
         unfinished = (run / "log.csv").exists() and not (run / "model/unet").is_dir()
