@@ -22,7 +22,7 @@ from emaki.imageio import read_infotext
 from emaki.models.saving import save_diffusers
 from emaki.models.tiny import make_tiny_bundle
 from emaki.pipelines.txt2img import Pipeline
-from emaki.request import ControlNetUnit, GenerationRequest, HiresFix
+from emaki.request import ControlNetUnit, GenerationRequest, HiresFix, InitImage
 
 from test_control import tiny_controlnet
 
@@ -335,3 +335,95 @@ def test_a1111_api_runs_controlnet_units_like_the_pipeline(setup, tmp_path) -> N
         bad = client.post("/sdapi/v1/txt2img", json={
             **body, "alwayson_scripts": {"controlnet": {"args": [{**unit, "module": "openpose"}]}}})  # fmt: skip
         assert bad.status_code == 400 and "openpose" in bad.json()["detail"]
+
+
+# -- ControlNet with inpainting: inpainting models, "only masked" --------------------------------
+
+
+def _inpainting_bundle():
+    """A tiny RunwayML-style inpainting model: the sd1 UNet with 9 input channels."""
+    from emaki.models.families import tiny_configs
+
+    configs = tiny_configs("sd1")
+    unet = {**configs.unet, "in_channels": 9}
+    return make_tiny_bundle(
+        "sd1", seed=2, configs=type(configs)(**{**configs.__dict__, "unet": unet})
+    )
+
+
+def test_inpainting_model_with_a_controlnet_matches_diffusers(setup) -> None:
+    """A 9-channel inpainting UNet with an ordinary ControlNet: the ControlNet sees the plain
+    4-channel latent and the UNet the latent with the mask and the masked image, as in diffusers'
+    StableDiffusionControlNetInpaintPipeline (everything masked, strength 1, same seed)."""
+    from diffusers import StableDiffusionControlNetInpaintPipeline
+
+    from emaki.latents import encode
+
+    _, net, models, _ = setup
+    bundle = _inpainting_bundle()
+    pipe = Pipeline(bundle, models=models)
+    init = Image.new("RGB", (SIZE, SIZE), (90, 160, 220))
+    mask = Image.new("L", (SIZE, SIZE), 255)
+    req = replace(
+        _request(), denoising_strength=1.0,
+        init=InitImage(init, mask=mask, mask_blur=0, inpainting_fill=3),
+    )  # fmt: skip
+    ours = _pixels(pipe.generate(req).images[0])
+    plain = _pixels(pipe.generate(replace(req, control=())).images[0])
+    sched = EulerDiscreteScheduler(
+        num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012,
+        beta_schedule="scaled_linear", timestep_spacing="linspace",
+    )  # fmt: skip
+    ref = StableDiffusionControlNetInpaintPipeline(
+        vae=bundle.vae, text_encoder=bundle.text_encoder, tokenizer=bundle.tokenizer,
+        unet=bundle.unet, controlnet=net, scheduler=sched, safety_checker=None,
+        feature_extractor=None, requires_safety_checker=False,
+    )  # fmt: skip
+    ref.set_progress_bar_config(disable=True)
+    # the posterior mean of a contiguous tensor on both sides (see test_img2img.py)
+    ref._encode_vae_image = lambda image, generator: encode(
+        bundle.vae, image.contiguous(), pipe.latent_format, mean=True
+    )
+    hint = hint_from_image(preprocess("canny", _drawing()), SIZE, SIZE)
+    theirs = _pixels(
+        ref(
+            "a red apple", negative_prompt="blurry", image=init, mask_image=mask,
+            control_image=hint, strength=1.0, num_inference_steps=6, guidance_scale=6.0,
+            controlnet_conditioning_scale=1.0,  # this pipeline's default is 0.5
+            generator=torch.Generator().manual_seed(1234), output_type="pil",
+        ).images[0]
+    )  # fmt: skip
+    assert np.abs(ours - theirs).max() <= 1, f"max pixel diff {np.abs(ours - theirs).max()}"
+    assert np.abs(ours - plain).max() > 1, "the ControlNet had no effect"
+
+
+def test_only_masked_inpainting_cuts_the_control_image_like_the_init_image(setup) -> None:
+    """With "only masked" the control input is cut to the same region as the init image and
+    brought to the generation size: the init image itself as the control image (module none)
+    gives exactly the crop being generated; outside the mask the image is unchanged."""
+    _, _, _, pipe = setup
+    big = _drawing(128).resize((128, 96))
+    mask = Image.new("L", big.size, 0)
+    mask.paste(255, (70, 40, 100, 70))
+    init = InitImage(big, mask=mask, mask_blur=0, inpaint_full_res=True,
+                     inpaint_full_res_padding=8)  # fmt: skip
+    unit = ControlNetUnit(model="edges", image=big, module="none")
+    req = replace(_request(), init=init, denoising_strength=0.8, control=(unit,))
+    r = pipe.resolve(req)
+    state = pipe.init_state(r, pipe.bundle)
+    assert state is not None and state.region is not None
+    (got,) = pipe.control_units(r, pipe.bundle, r.width, r.height, state)
+    assert torch.equal(got.hint, hint_from_image(state.image, SIZE, SIZE))
+    # a control image of another size is first resized to the init image's size (its own
+    # resize mode, here "just resize"), then cut the same way
+    small = replace(unit, image=big.resize((64, 48)), resize_mode=0)
+    (from_small,) = pipe.control_units(
+        replace(r, request=replace(req, control=(small,))), pipe.bundle, r.width, r.height, state
+    )
+    assert np.abs(from_small.hint - got.hint).mean() < 0.1
+    out = _pixels(pipe.generate(req).images[0])
+    plain = _pixels(pipe.generate(replace(req, control=())).images[0])
+    outside = _pixels(mask) == 0
+    assert out.shape[:2] == (96, 128)
+    assert np.array_equal(out[outside], _pixels(big)[outside])
+    assert np.abs(out - plain)[~outside].max() > 1, "the ControlNet had no effect in the mask"

@@ -202,15 +202,24 @@ class ControlledUNet:
                 )
         return total
 
-    def __call__(self, x_in: Tensor, t: Tensor, cond: Conditioning) -> Tensor:
+    def __call__(
+        self, x_in: Tensor, t: Tensor, cond: Conditioning, extra: Tensor | None = None
+    ) -> Tensor:
+        """The UNet's output for ``x_in`` with the active units' residuals added.
+
+        ``extra`` [B, k, h, w] is appended to the UNet's input channels only (an inpainting
+        model's mask and masked-image latent): the ControlNets see the plain latent ``x_in``,
+        as in diffusers' ``StableDiffusionControlNetInpaintPipeline``.
+        """
         ctx = cond.context.to(x_in.device, x_in.dtype)
         t = t.to(x_in.device)
         res = self.residuals(x_in, t, cond)
+        x_unet = x_in if extra is None else torch.cat([x_in, extra.to(x_in)], dim=1)
         if res is None:
-            return self.unet(x_in, t, encoder_hidden_states=ctx, return_dict=False)[0]
+            return self.unet(x_unet, t, encoder_hidden_states=ctx, return_dict=False)[0]
         down, mid = res
         return self.unet(
-            x_in,
+            x_unet,
             t,
             encoder_hidden_states=ctx,
             down_block_additional_residuals=tuple(down),

@@ -326,11 +326,13 @@ class Pipeline:
             listeners = (model.on_step,)
 
         def apply(x: Tensor, t: Tensor, cond: Conditioning) -> Tensor:
+            extra = None
             if concat is not None:
                 extra = concat.to(x.device, x.dtype).expand(x.shape[0], -1, -1, -1)
+            if model is not unet:  # ControlNets see the 4-channel latent, the UNet all 9
+                return model(x, t, cond, extra)
+            if extra is not None:
                 x = torch.cat([x, extra], dim=1)
-            if model is not unet:
-                return model(x, t, cond)
             ctx = cond.context.to(x.device, x.dtype)
             return unet(x, t.to(x.device), encoder_hidden_states=ctx, return_dict=False)[0]
 
@@ -345,29 +347,36 @@ class Pipeline:
             )
         return ScheduledGuidance(guidance, listeners)
 
-    def control_units(self, r: Resolved, bundle: ModelBundle, width: int, height: int) -> list[Any]:
+    def control_units(
+        self,
+        r: Resolved,
+        bundle: ModelBundle,
+        width: int,
+        height: int,
+        init: InitState | None = None,
+    ) -> list[Any]:
         """Step 4b (ControlNet): each unit's model and its control image at ``width`` x ``height``:
-        the input resized by the unit's resize mode, then run through its preprocessor."""
+        the input resized by the unit's resize mode, then run through its preprocessor.
+
+        With "only masked" inpainting (``init.region`` set) the input is first brought to the
+        init image's size and cut to the same region as the init image, so that the control
+        lines up with the crop being generated (as sd-webui-controlnet and diffusers'
+        ``padding_mask_crop`` do)."""
         req = r.request
         if not req.control:
             return []
-        if self.inpainting_model(bundle):
-            raise InvalidRequestError(
-                "ControlNet does not work with inpainting models (their UNet takes 9 input "
-                "channels, a ControlNet 4); use an ordinary model, with an init image and mask"
-            )
-        if req.init is not None and req.init.inpaint_full_res:
-            raise InvalidRequestError(
-                "ControlNet with 'only masked' inpainting is not supported: the control image "
-                "would have to be cropped like the masked area; inpaint the whole picture"
-            )
         from emaki.control import ControlUnit, hint_from_image, preprocess
         from emaki.imageops.resize import resize_image
 
+        region = init.region if init is not None else None
         units = []
         for u in req.control:
             image = u.image.convert("RGB")
-            if image.size != (width, height):
+            if region is not None and init is not None and init.base is not None:
+                if image.size != init.base.size:
+                    image = resize_image(u.resize_mode, image, *init.base.size)
+                image = resize_image(2, image.crop(region), width, height)
+            elif image.size != (width, height):
                 image = resize_image(u.resize_mode, image, width, height)
             if u.module.strip().lower() != "none":
                 image = preprocess(u.module, image, **u.module_options)
@@ -469,7 +478,7 @@ class Pipeline:
             concat = txt2img_conditioning(bundle.vae, self.latent_format, r.width, r.height)
         shape = self.latent_format.latent_shape(r.width, r.height)
         regions = self.regions(r, text, shape) if req.tiled is not None else ()
-        control = self.control_units(r, bundle, r.width, r.height)
+        control = self.control_units(r, bundle, r.width, r.height, init)
         passes = 2 if req.hires is not None else 1
         images: list[Image.Image] = []
         seeds: list[int] = []
