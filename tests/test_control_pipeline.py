@@ -427,3 +427,72 @@ def test_only_masked_inpainting_cuts_the_control_image_like_the_init_image(setup
     assert out.shape[:2] == (96, 128)
     assert np.array_equal(out[outside], _pixels(big)[outside])
     assert np.abs(out - plain)[~outside].max() > 1, "the ControlNet had no effect in the mask"
+
+
+# -- ControlNet with MultiDiffusion: each window gets its part of the control image ---------------
+
+
+def _wide_drawing() -> Image.Image:
+    """128x64: the drawing and its mirror image, so that no two windows see the same hint."""
+    wide = Image.new("RGB", (2 * SIZE, SIZE), "white")
+    wide.paste(_drawing(), (0, 0))
+    wide.paste(_drawing().transpose(Image.Transpose.FLIP_LEFT_RIGHT).rotate(90), (SIZE, 0))
+    return wide
+
+
+@pytest.mark.parametrize("circular", [False, True])
+@torch.no_grad()
+def test_multidiffusion_gives_each_window_its_part_of_the_control_image(setup, circular) -> None:
+    """One MultiDiffusion evaluation with a ControlNet equals its windows evaluated alone, each
+    with its own columns of the hint (cut here by index, wrapping round for the circular
+    window), averaged where they overlap."""
+    from emaki.conditioning import Conditioning
+    from emaki.control import ControlledUNet, ControlUnit
+    from emaki.sampling.denoisers import DiscreteDenoiser
+    from emaki.sampling.multidiffusion import MultiDiffusion
+
+    bundle, net, _, pipe = setup
+    g = torch.Generator().manual_seed(5)
+    hint = torch.rand(1, 3, SIZE, 2 * SIZE, generator=g)  # every column different
+    x = torch.randn(1, 4, 8, 16, generator=g) * 3
+    sigma = torch.tensor([3.0])
+    cond = Conditioning(torch.randn(1, 77, bundle.unet.config.cross_attention_dim, generator=g))
+
+    def denoiser(h: torch.Tensor) -> tuple[DiscreteDenoiser, ControlledUNet]:
+        controlled = ControlledUNet(bundle.unet, [ControlUnit(net, h)], total_steps=4)
+        return DiscreteDenoiser(controlled, pipe.schedule, bundle.prediction_type), controlled
+
+    def alone(left: int, hint_left: int) -> torch.Tensor:
+        cols = [(left + j) % 16 for j in range(8)]
+        own = hint[..., [(hint_left * 8 + j) % (2 * SIZE) for j in range(SIZE)]]
+        return denoiser(own)[0](x[..., cols], sigma, cond)
+
+    whole, controlled = denoiser(hint)
+    md = MultiDiffusion(
+        whole, window=8, stride=4, circular=circular, on_window=controlled.set_window
+    )
+    out = md(x, sigma, cond)
+    assert controlled.window is None  # reset after the evaluation
+    lefts = [0, 4, 8, 12] if circular else [0, 4, 8]
+    acc, count = torch.zeros_like(x), torch.zeros(16)
+    for left in lefts:
+        cols = [(left + j) % 16 for j in range(8)]
+        acc[..., cols] += alone(left, left)
+        count[cols] += 1
+    torch.testing.assert_close(out, acc / count, rtol=1e-6, atol=1e-6)
+    # the crop matters: the middle window with the hint's first columns gives something else
+    # (the tiny ControlNet's residuals are small, but far above the tolerance above)
+    assert float((alone(4, 4) - alone(4, 0)).abs().max()) > 1e-4
+
+
+def test_panorama_with_a_controlnet_through_the_pipeline(setup) -> None:
+    from emaki.request import TiledDiffusion
+
+    _, _, _, pipe = setup
+    unit = ControlNetUnit(model="edges", image=_wide_drawing(), module="canny")
+    req = replace(_request(), width=2 * SIZE, control=(unit,), tiled=TiledDiffusion())
+    res = pipe.generate(req)
+    plain = pipe.generate(replace(req, control=())).images[0]
+    assert res.images[0].size == (2 * SIZE, SIZE)
+    assert np.abs(_pixels(res.images[0]) - _pixels(plain)).max() > 1
+    assert "ControlNet 0" in res.infotexts[0] and "MultiDiffusion: " in res.infotexts[0]

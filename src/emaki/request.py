@@ -325,11 +325,6 @@ class GenerationRequest:
             raise InvalidRequestError("hires fix is a txt2img option; img2img takes no hires")
         for unit in self.control:
             unit.validate()
-        if self.control and self.tiled is not None:
-            raise InvalidRequestError(
-                "ControlNet and tiled diffusion (MultiDiffusion) cannot be combined: a window "
-                "sees only part of the control image"
-            )
 
 
 def _check_int(name: str, value: object, lo: int, hi: int) -> None:

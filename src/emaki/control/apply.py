@@ -41,6 +41,7 @@ from torch import Tensor
 from emaki.conditioning import Conditioning
 from emaki.errors import InvalidRequestError
 from emaki.imageops.resize import resize_image
+from emaki.sampling.multidiffusion import Window, crop_window
 from emaki.sampling.types import StepInfo
 
 #: Residuals of one call: one tensor per UNet skip connection, and the middle block's.
@@ -95,14 +96,18 @@ class ControlUnit:
         """Whether the unit acts at step ``step`` (0-based) of ``total`` (diffusers' rule)."""
         return not (step / total < self.start or (step + 1) / total > self.end)
 
-    def residuals(self, x_in: Tensor, t: Tensor, cond: Conditioning) -> Residuals | None:
+    def residuals(
+        self, x_in: Tensor, t: Tensor, cond: Conditioning, window: Window | None = None
+    ) -> Residuals | None:
         """This unit's scaled residuals for a batch, or None when no row gets any.
 
         ``x_in`` [B, 4, h, w] is the UNet's input, ``t`` [B] its timesteps, ``cond`` the batch's
-        conditioning (``negative_rows()`` marks CFG's unconditional rows).
+        conditioning (``negative_rows()`` marks CFG's unconditional rows). ``window`` (latent
+        pixels) says which part of the whole latent ``x_in`` is (MultiDiffusion): the hint,
+        made for the whole image, is cropped to it.
         """
         b = x_in.shape[0]
-        hint = _checked_hint(self, x_in)
+        hint = _checked_hint(self, x_in, window)
         rows = None  # None: every row
         if self.effective_guess_mode:
             negative = cond.negative_rows().to(x_in.device)
@@ -143,19 +148,24 @@ def _scatter_rows(values: Tensor, rows: Tensor, batch: int) -> Tensor:
     return out.index_copy(0, rows, values)
 
 
-def _checked_hint(unit: ControlUnit, x_in: Tensor) -> Tensor:
-    """The unit's hint on x's device in the model's dtype, after checking its size."""
+def _checked_hint(unit: ControlUnit, x_in: Tensor, window: Window | None = None) -> Tensor:
+    """The unit's hint (cropped to ``window``, latent pixels) on x's device in the model's
+    dtype, after checking its size."""
     # Each strided convolution of the hint encoder halves the size: 3 of them in SD's
     # ControlNets, so the hint is 8x the latent, i.e. the image size.
     factor = 2 ** (len(unit.model.controlnet_cond_embedding.blocks) // 2)
+    hint = unit.hint
+    if window is not None:
+        top, left, wh, ww = window
+        hint = crop_window(hint, (top * factor, left * factor, wh * factor, ww * factor))
     h, w = x_in.shape[-2:]
-    hh, hw = unit.hint.shape[-2:]
+    hh, hw = hint.shape[-2:]
     if (hh, hw) != (h * factor, w * factor):
         raise InvalidRequestError(
             f"ControlNet control image is {hw}x{hh}, but this generation needs "
             f"{w * factor}x{h * factor} ({factor}x the {w}x{h} latent); resize it to the image size"
         )
-    return unit.hint.to(x_in.device, unit.model.dtype)
+    return hint.to(x_in.device, unit.model.dtype)
 
 
 class ControlledUNet:
@@ -177,6 +187,11 @@ class ControlledUNet:
         self.units = tuple(units)
         self.total_steps = int(total_steps)
         self.step = 0
+        self.window: Window | None = None  #: the MultiDiffusion window being evaluated
+
+    def set_window(self, window: Window | None) -> None:
+        """Say which window of the whole latent the next calls are for (None: all of it)."""
+        self.window = window
 
     def on_step(self, info: StepInfo) -> None:
         """Advance to the step after the one the sampler just finished (``info.i``)."""
@@ -190,7 +205,7 @@ class ControlledUNet:
         """The summed residuals of the active units, or None when none contributes."""
         total: Residuals | None = None
         for unit in self.active_units():
-            part = unit.residuals(x_in, t, cond)
+            part = unit.residuals(x_in, t, cond, self.window)
             if part is None:
                 continue
             if total is None:

@@ -319,11 +319,13 @@ class Pipeline:
             unet, capture = capture_self_attention(unet)
         model: Any = unet
         listeners: tuple[Callable[[StepInfo], None], ...] = ()
+        windows: tuple[Callable[[Any], None], ...] = ()
         if control:
             from emaki.control import ControlledUNet
 
             model = ControlledUNet(unet, control, steps)
             listeners = (model.on_step,)
+            windows = (model.set_window,)
 
         def apply(x: Tensor, t: Tensor, cond: Conditioning) -> Tensor:
             extra = None
@@ -345,7 +347,7 @@ class Pipeline:
             guidance = SelfAttentionGuidance(
                 inner, capture, scale, r.request.sag_scale, r.request.guidance_rescale
             )
-        return ScheduledGuidance(guidance, listeners)
+        return ScheduledGuidance(guidance, listeners, windows)
 
     def control_units(
         self,
@@ -624,6 +626,7 @@ class Pipeline:
                 window=window,
                 stride=(min(stride, window[0]), min(stride, window[1])),
                 regions=regions,
+                on_window=scheduled.on_window if control else None,
             )
         if keep is not None and start is not None:
             denoiser = MaskedDenoiser(denoiser, start, keep)

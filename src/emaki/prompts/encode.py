@@ -22,6 +22,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -149,10 +150,22 @@ class ScheduledGuidance:
     :meth:`on_step` as (or inside) the sampler's step callback.
     """
 
-    def __init__(self, cfg: CFGDenoiser, also: tuple[Callable[[StepInfo], None], ...] = ()) -> None:
+    def __init__(
+        self,
+        cfg: CFGDenoiser,
+        also: tuple[Callable[[StepInfo], None], ...] = (),
+        windows: tuple[Callable[[Any], None], ...] = (),
+    ) -> None:
         self.cfg = cfg
         self.step = 0
         self.also = also  #: more step listeners (e.g. ControlNet start/end windows)
+        #: told which MultiDiffusion window the next calls are for (ControlNet hint crops)
+        self.windows = windows
+
+    def on_window(self, window: Any) -> None:
+        """Pass the MultiDiffusion window of the next calls (None: the whole latent) on."""
+        for listener in self.windows:
+            listener(window)
 
     def __call__(self, x: Tensor, sigma: Tensor, cond: PromptConds) -> Tensor:
         return self.cfg(x, sigma, cond.at(self.step))

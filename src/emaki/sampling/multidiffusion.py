@@ -113,7 +113,7 @@ def _columns(window: Window, width: int, device: torch.device) -> Tensor | None:
     return (left + torch.arange(w, device=device)) % width
 
 
-def _crop(t: Tensor, window: Window) -> Tensor:
+def crop_window(t: Tensor, window: Window) -> Tensor:
     """``t[..., window]`` for a tensor [..., H, W]: [..., h, w] (a view unless it wraps)."""
     top, left, h, w = window
     rows = t[..., top : top + h, :]
@@ -268,6 +268,9 @@ class MultiDiffusion:
     ``regions`` add region prompts, weighted as described in the module docstring; ``bootstrap``
     turns on Bar-Tal's bootstrapping for them. ``window_weight`` [h, w] (positive) weighs every
     window's pixels, e.g. to feather tiles; by default all weights are 1, the paper's panorama.
+    ``on_window`` is told the window of each inner call before it is made (and None when the
+    evaluation is over); windows are then evaluated one per call, for inner models that need
+    to know where they are (ControlNets, whose control image is cropped to the window).
     """
 
     def __init__(
@@ -282,8 +285,10 @@ class MultiDiffusion:
         background: Literal["complement", "full"] = "complement",
         window_weight: Tensor | None = None,
         bootstrap: Bootstrap | None = None,
+        on_window: Callable[[Window | None], None] | None = None,
     ) -> None:
         self.denoiser = denoiser
+        self.on_window = on_window
         self.window = _pair(window, "window")
         self.stride = _pair(stride, "stride")
         _check_window_stride(self.window, self.stride)
@@ -325,16 +330,23 @@ class MultiDiffusion:
         for path_cond, inp, weight in paths:
             jobs = []  # (window, weight [h, w]) of this prompt, zero-weight windows left out
             for win in wins:
-                w = _crop(weight, win)
+                w = crop_window(weight, win)
                 if ww is not None:
                     w = w * ww
                 if bool(w.any()):
                     jobs.append((win, w))
-            for start in range(0, len(jobs), self.batch_windows):
-                batch = jobs[start : start + self.batch_windows]
+            per_call = 1 if self.on_window is not None else self.batch_windows
+            for start in range(0, len(jobs), per_call):
+                batch = jobs[start : start + per_call]
                 n = len(batch)
-                crops = torch.cat([_crop(inp, win) for win, _ in batch])  # [n*B, C, h, w]
-                denoised = self.denoiser(crops, sigma.repeat(n), path_cond)  # [n*B, C, h, w]
+                crops = torch.cat([crop_window(inp, win) for win, _ in batch])  # [n*B, C, h, w]
+                if self.on_window is not None:
+                    self.on_window(batch[0][0])
+                try:
+                    denoised = self.denoiser(crops, sigma.repeat(n), path_cond)  # [n*B, C, h, w]
+                finally:
+                    if self.on_window is not None:
+                        self.on_window(None)
                 for (win, w), d in zip(batch, denoised.chunk(n)):
                     _paste_add(value, win, d * w)
                     _paste_add(total, win, w)
