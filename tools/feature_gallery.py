@@ -6,10 +6,11 @@ cells: the input (where there is one) and what the feature makes of it, same see
     .venv/bin/python tools/feature_gallery.py
     .venv/bin/python tools/feature_gallery.py --model /tmp/tiny-sd1 --out /tmp/gallery --steps 4
     .venv/bin/python tools/feature_gallery.py --only controlnet \
-        --controlnet runs/default-controlnet-canny/model
+        --controlnet runs/default-controlnet-canny-2/model
 
 The ``controlnet`` strip needs ``--controlnet`` (a ControlNet folder for the model; the
-default model's is trained by ``recipes/default-controlnet-canny.toml``).
+default model's is trained by ``recipes/default-controlnet-canny.toml``, continued by
+``recipes/default-controlnet-canny-2.toml``).
 """
 
 from __future__ import annotations
