@@ -12,7 +12,7 @@ from dataclasses import replace
 import numpy as np
 import pytest
 import torch
-from diffusers import EulerDiscreteScheduler, StableDiffusionControlNetPipeline
+from diffusers import StableDiffusionControlNetPipeline
 from PIL import Image, ImageDraw
 
 from emaki.cli import main
@@ -23,6 +23,7 @@ from emaki.models.saving import save_diffusers
 from emaki.models.tiny import make_tiny_bundle
 from emaki.pipelines.txt2img import Pipeline
 from emaki.request import ControlNetUnit, GenerationRequest, HiresFix, InitImage
+from test_img2img import reference_pipeline, tiny_inpainting_bundle
 
 from test_control import tiny_controlnet
 
@@ -79,16 +80,7 @@ def test_pipeline_matches_diffusers_controlnet_pipeline(setup, control, diffuser
     bundle, net, _, pipe = setup
     ours = pipe.generate(_request(**control)).images[0]
     plain = pipe.generate(replace(_request(), control=())).images[0]
-    sched = EulerDiscreteScheduler(
-        num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012,
-        beta_schedule="scaled_linear", timestep_spacing="linspace",
-    )  # fmt: skip
-    ref = StableDiffusionControlNetPipeline(
-        vae=bundle.vae, text_encoder=bundle.text_encoder, tokenizer=bundle.tokenizer,
-        unet=bundle.unet, controlnet=net, scheduler=sched, safety_checker=None,
-        feature_extractor=None, requires_safety_checker=False,
-    )  # fmt: skip
-    ref.set_progress_bar_config(disable=True)
+    ref = reference_pipeline(StableDiffusionControlNetPipeline, bundle, controlnet=net)
     hint = hint_from_image(preprocess("canny", _drawing()), SIZE, SIZE)
     noise = torch.randn((4, SIZE // 8, SIZE // 8), generator=torch.Generator().manual_seed(1234))
     theirs = ref(
@@ -340,17 +332,6 @@ def test_a1111_api_runs_controlnet_units_like_the_pipeline(setup, tmp_path) -> N
 # -- ControlNet with inpainting: inpainting models, "only masked" --------------------------------
 
 
-def _inpainting_bundle():
-    """A tiny RunwayML-style inpainting model: the sd1 UNet with 9 input channels."""
-    from emaki.models.families import tiny_configs
-
-    configs = tiny_configs("sd1")
-    unet = {**configs.unet, "in_channels": 9}
-    return make_tiny_bundle(
-        "sd1", seed=2, configs=type(configs)(**{**configs.__dict__, "unet": unet})
-    )
-
-
 def test_inpainting_model_with_a_controlnet_matches_diffusers(setup) -> None:
     """A 9-channel inpainting UNet with an ordinary ControlNet: the ControlNet sees the plain
     4-channel latent and the UNet the latent with the mask and the masked image, as in diffusers'
@@ -360,7 +341,7 @@ def test_inpainting_model_with_a_controlnet_matches_diffusers(setup) -> None:
     from emaki.latents import encode
 
     _, net, models, _ = setup
-    bundle = _inpainting_bundle()
+    bundle = tiny_inpainting_bundle()
     pipe = Pipeline(bundle, models=models)
     init = Image.new("RGB", (SIZE, SIZE), (90, 160, 220))
     mask = Image.new("L", (SIZE, SIZE), 255)
@@ -370,16 +351,7 @@ def test_inpainting_model_with_a_controlnet_matches_diffusers(setup) -> None:
     )  # fmt: skip
     ours = _pixels(pipe.generate(req).images[0])
     plain = _pixels(pipe.generate(replace(req, control=())).images[0])
-    sched = EulerDiscreteScheduler(
-        num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012,
-        beta_schedule="scaled_linear", timestep_spacing="linspace",
-    )  # fmt: skip
-    ref = StableDiffusionControlNetInpaintPipeline(
-        vae=bundle.vae, text_encoder=bundle.text_encoder, tokenizer=bundle.tokenizer,
-        unet=bundle.unet, controlnet=net, scheduler=sched, safety_checker=None,
-        feature_extractor=None, requires_safety_checker=False,
-    )  # fmt: skip
-    ref.set_progress_bar_config(disable=True)
+    ref = reference_pipeline(StableDiffusionControlNetInpaintPipeline, bundle, controlnet=net)
     # the posterior mean of a contiguous tensor on both sides (see test_img2img.py)
     ref._encode_vae_image = lambda image, generator: encode(
         bundle.vae, image.contiguous(), pipe.latent_format, mean=True

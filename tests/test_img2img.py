@@ -58,14 +58,27 @@ def _euler() -> EulerDiscreteScheduler:
     )  # fmt: skip
 
 
-def _ref(cls, bundle):
+def reference_pipeline(cls, bundle, **components):
+    """The diffusers pipeline ``cls`` on ``bundle`` (plus ``components``, e.g. ``controlnet``)
+    with Euler at uniform spacing, as the side-by-side tests run emaki."""
     ref = cls(
         vae=bundle.vae, text_encoder=bundle.text_encoder, tokenizer=bundle.tokenizer,
         unet=bundle.unet, scheduler=_euler(), safety_checker=None, feature_extractor=None,
-        requires_safety_checker=False,
+        requires_safety_checker=False, **components,
     )  # fmt: skip
     ref.set_progress_bar_config(disable=True)
     return ref
+
+
+def tiny_inpainting_bundle():
+    """A tiny RunwayML-style inpainting model: the sd1 UNet with 9 input channels."""
+    from emaki.models.families import tiny_configs
+
+    configs = tiny_configs("sd1")
+    unet = {**configs.unet, "in_channels": 9}
+    return make_tiny_bundle(
+        "sd1", seed=2, configs=type(configs)(**{**configs.__dict__, "unet": unet})
+    )
 
 
 # -- the step rule ---------------------------------------------------------------------------
@@ -108,7 +121,7 @@ def test_img2img_matches_diffusers(bundle, pipe) -> None:
     )  # fmt: skip
     ours = pipe.generate(req).images[0]
     latent = encode(bundle.vae, from_pil(image), pipe.latent_format, mean=True)
-    theirs = _ref(StableDiffusionImg2ImgPipeline, bundle)(
+    theirs = reference_pipeline(StableDiffusionImg2ImgPipeline, bundle)(
         "a red apple", image=latent, negative_prompt="blurry", strength=0.6,
         num_inference_steps=steps, guidance_scale=5.0,
         generator=torch.Generator().manual_seed(seed),
@@ -130,7 +143,7 @@ def test_inpainting_matches_diffusers_inside_and_keeps_the_outside(bundle, pipe)
         init=InitImage(image, mask=mask, mask_blur=0),
     )  # fmt: skip
     ours = _px(pipe.generate(req).images[0])
-    ref = _ref(StableDiffusionInpaintPipeline, bundle)
+    ref = reference_pipeline(StableDiffusionInpaintPipeline, bundle)
     latent = encode(bundle.vae, from_pil(image), pipe.latent_format, mean=True)
     ref._encode_vae_image = lambda image, generator: latent  # the same init latent on both sides
     theirs = _px(
@@ -148,13 +161,7 @@ def test_inpainting_matches_diffusers_inside_and_keeps_the_outside(bundle, pipe)
 def test_inpainting_model_conditioning_matches_diffusers(pipe) -> None:
     """A 9-channel UNet gets [mask, latent of the masked image] as diffusers prepares them;
     with everything masked at strength 1 both generate the same image."""
-    from emaki.models.families import tiny_configs
-
-    configs = tiny_configs("sd1")
-    unet_cfg = {**configs.unet, "in_channels": 9}
-    bundle = make_tiny_bundle(
-        "sd1", seed=2, configs=type(configs)(**{**configs.__dict__, "unet": unet_cfg})
-    )
+    bundle = tiny_inpainting_bundle()
     ipipe = Pipeline(bundle)
     assert ipipe.inpainting_model(bundle)
     image = _image(seed=9)
@@ -165,7 +172,7 @@ def test_inpainting_model_conditioning_matches_diffusers(pipe) -> None:
         denoising_strength=1.0, init=InitImage(image, mask=mask, mask_blur=0, inpainting_fill=3),
     )  # fmt: skip
     ours = _px(ipipe.generate(req).images[0])
-    ref = _ref(StableDiffusionInpaintPipeline, bundle)
+    ref = reference_pipeline(StableDiffusionInpaintPipeline, bundle)
     # both sides encode with the posterior mean (diffusers would sample it) of a contiguous
     # tensor (diffusers' masked image is channels-last, which CPU convolutions round differently)
     ref._encode_vae_image = lambda image, generator: encode(

@@ -371,12 +371,13 @@ class Pipeline:
         from emaki.imageops.resize import resize_image
 
         region = init.region if init is not None else None
+        base = init.base if init is not None else None
         units = []
         for u in req.control:
             image = u.image.convert("RGB")
-            if region is not None and init is not None and init.base is not None:
-                if image.size != init.base.size:
-                    image = resize_image(u.resize_mode, image, *init.base.size)
+            if region is not None and base is not None:
+                if image.size != base.size:
+                    image = resize_image(u.resize_mode, image, *base.size)
                 image = resize_image(2, image.crop(region), width, height)
             elif image.size != (width, height):
                 image = resize_image(u.resize_mode, image, width, height)
