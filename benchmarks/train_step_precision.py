@@ -2,7 +2,8 @@
 
 The default model trains on 2 CPU cores, so a faster step is more training per session. This
 times what dominates one step of ``recipes/default-unet-*.toml``: the UNet's forward pass on a
-batch of noisy latents (32 x 4 x 16 x 16, MiniLM contexts of 77 x 384), the MSE loss, the
+batch of noisy latents (32 x 4 x 16 x 16, MiniLM contexts of 32 x 384: the default model's
+tokenizer takes 32 tokens, one 30-token chunk with its start and end), the MSE loss, the
 backward pass and an AdamW update, in fp32 and under ``torch.autocast("cpu", torch.bfloat16)``
 (what ``[train] mixed_precision = "bf16"`` turns on through accelerate). The two modes
 alternate over the same batches on two copies of the same weights; the medians and their ratio
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import json
 import platform
 import statistics
 import time
@@ -26,6 +28,7 @@ from emaki.train.recipe import load_recipe
 from emaki.train.tasks import unet_from_config
 
 ROOT = Path(__file__).resolve().parents[1]
+TOKENIZER = ROOT / "src" / "emaki" / "default_model" / "tokenizer" / "tokenizer_config.json"
 
 
 def main() -> None:
@@ -33,6 +36,8 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=12, help="timed steps per mode")
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--context", type=int, default=None,
+                    help="context tokens (default: the shipped default model's tokenizer length)")  # fmt: skip
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     recipe = load_recipe(ROOT / "recipes" / "default-unet.toml")
@@ -42,11 +47,12 @@ def main() -> None:
     nets = {"fp32": base, "bf16": copy.deepcopy(base)}
     opts = {k: torch.optim.AdamW(n.parameters(), lr=1e-4) for k, n in nets.items()}
     g = torch.Generator().manual_seed(1)
+    tokens = args.context or int(json.loads(TOKENIZER.read_text())["model_max_length"])
 
     def batch() -> tuple[torch.Tensor, ...]:
         x = torch.randn(args.batch, 4, side, side, generator=g)
         t = torch.randint(0, 1000, (args.batch,), generator=g)
-        ctx = torch.randn(args.batch, 77, 384, generator=g)
+        ctx = torch.randn(args.batch, tokens, 384, generator=g)
         eps = torch.randn(args.batch, 4, side, side, generator=g)
         return x, t, ctx, eps
 
@@ -72,7 +78,7 @@ def main() -> None:
     params = sum(p.numel() for p in base.parameters()) / 1e6
     print(f"machine: {platform.processor() or platform.machine()}, torch {torch.__version__}, "
           f"threads {torch.get_num_threads()}; UNet {params:.1f}M parameters, batch {args.batch} "
-          f"of {side}x{side} latents; {args.steps} timed steps per mode")  # fmt: skip
+          f"of {side}x{side} latents, {tokens}-token contexts; {args.steps} timed steps per mode")  # fmt: skip
     for mode in nets:
         print(f"{mode}: {med[mode]:.3f} s/step (median), first-batch loss {losses[mode]:.5f}")
     print(f"bf16 / fp32 time: {med['bf16'] / med['fp32']:.3f} (below 1: bf16 is faster)")

@@ -46,7 +46,7 @@ def main() -> None:
     ap.add_argument("--eval", type=Path, help="the JSON of emaki eval")
     ap.add_argument("--contact-sheet", help="the contact sheet's path, relative to the card")
     ap.add_argument("--notes", type=Path, help="a Markdown file of notes for the card")
-    ap.add_argument("--hardware", default="2-core AMD EPYC (Zen 3) VM, no GPU, torch 2.13.0 CPU")
+    ap.add_argument("--hardware", default="2-core AMD EPYC (Zen 5) VM, no GPU, torch 2.13.0 CPU")
     ap.add_argument("--out", type=Path, default=ROOT / "src/emaki/default_model")
     args = ap.parse_args()
 
