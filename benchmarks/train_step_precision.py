@@ -24,11 +24,11 @@ from pathlib import Path
 
 import torch
 
+from emaki.models.default import default_model_path
 from emaki.train.recipe import load_recipe
 from emaki.train.tasks import unet_from_config
 
 ROOT = Path(__file__).resolve().parents[1]
-TOKENIZER = ROOT / "src" / "emaki" / "default_model" / "tokenizer" / "tokenizer_config.json"
 
 
 def main() -> None:
@@ -47,7 +47,9 @@ def main() -> None:
     nets = {"fp32": base, "bf16": copy.deepcopy(base)}
     opts = {k: torch.optim.AdamW(n.parameters(), lr=1e-4) for k, n in nets.items()}
     g = torch.Generator().manual_seed(1)
-    tokens = args.context or int(json.loads(TOKENIZER.read_text())["model_max_length"])
+    if (tokens := args.context) is None:
+        config = default_model_path() / "tokenizer" / "tokenizer_config.json"
+        tokens = int(json.loads(config.read_text())["model_max_length"])
 
     def batch() -> tuple[torch.Tensor, ...]:
         x = torch.randn(args.batch, 4, side, side, generator=g)
