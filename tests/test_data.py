@@ -228,6 +228,22 @@ def test_existing_destination_and_interrupted_build_leave_nothing(
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".fresh")]
 
 
+def test_missing_svg_renderer_is_one_clear_error(
+    cache: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util,
+        "find_spec",
+        lambda name, *a: None if name in ("resvg_py", "cairosvg") else real(name, *a),
+    )
+    with pytest.raises(DataError, match=r"no SVG renderer.*emaki\[train\]"):
+        build_dataset(tmp_path / "ds", [TWEMOJI], size=24, cache=cache, offline=True)
+    assert not (tmp_path / "ds").exists()
+
+
 def test_offline_without_cache_is_a_clear_error(tmp_path: Path) -> None:
     with pytest.raises(DataError, match="not in the cache"):
         fetch_npm("@iconify-json/noto", "1.2.9", tmp_path, offline=True)

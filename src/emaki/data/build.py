@@ -25,7 +25,7 @@ from PIL import Image, ImageOps
 from emaki.data.captions import EmojiLexicon, clipart_title, emoji_caption, split_skin_tone
 from emaki.data.fetch import FetchedPackage, fetch_debian, fetch_npm
 from emaki.data.manifest import DATASET_INFO, MANIFEST, Record, iter_jsonl
-from emaki.data.raster import flatten, iconify_svg, render_svg
+from emaki.data.raster import flatten, iconify_svg, render_svg, require_svg_renderer
 from emaki.data.sources import (
     EMOJI_DATASOURCE,
     EMOJILIB,
@@ -255,6 +255,8 @@ def build_dataset(
         raise DataError(
             f"skin-tone policy {skin_tones!r}; choose one of {', '.join(SKIN_TONE_POLICIES)}"
         )
+    if sources:
+        require_svg_renderer()
     cache = Path(cache) if cache is not None else default_cache()
     report = BuildReport(out=out)
 

@@ -57,6 +57,22 @@ def _render_cairo(svg: str, width: int, height: int) -> bytes:
     )
 
 
+def require_svg_renderer() -> None:
+    """Raise a clear error when neither SVG renderer (resvg-py, cairosvg) is installed.
+
+    Checked once before a build that renders SVGs, so that a missing install step is one message
+    instead of every item of every source skipped for the same reason.
+    """
+    import importlib.util
+
+    if not any(importlib.util.find_spec(m) for m in ("resvg_py", "cairosvg")):
+        raise DataError(
+            "no SVG renderer is installed (resvg-py or cairosvg); the open sources are SVG: "
+            "run the build through bin/emaki, which installs emaki's train extra, "
+            "or pip install 'emaki[train]'"
+        )
+
+
 def render_svg(
     svg: str, max_side: int, background: tuple[int, int, int] = (255, 255, 255)
 ) -> Image.Image:
