@@ -15,6 +15,7 @@ from emaki.data.build import build_dataset
 from emaki.data.captions import EmojiLexicon, clipart_title, name_words, split_skin_tone
 from emaki.data.fetch import fetch_npm
 from emaki.data.manifest import read_manifest
+from emaki.data.raster import SVG_RENDERERS
 from emaki.data.sources import EMOJI_DATASOURCE, EMOJILIB, DataError, IconSet, resolve_sources
 from emaki.data.stats import dataset_stats
 
@@ -237,7 +238,7 @@ def test_missing_svg_renderer_is_one_clear_error(
     monkeypatch.setattr(
         importlib.util,
         "find_spec",
-        lambda name, *a: None if name in ("resvg_py", "cairosvg") else real(name, *a),
+        lambda name, *a: None if name in SVG_RENDERERS else real(name, *a),
     )
     with pytest.raises(DataError, match=r"no SVG renderer.*emaki\[train\]"):
         build_dataset(tmp_path / "ds", [TWEMOJI], size=24, cache=cache, offline=True)

@@ -57,6 +57,9 @@ def _render_cairo(svg: str, width: int, height: int) -> bytes:
     )
 
 
+SVG_RENDERERS = ("resvg_py", "cairosvg")  # the modules render_svg tries, in order
+
+
 def require_svg_renderer() -> None:
     """Raise a clear error when neither SVG renderer (resvg-py, cairosvg) is installed.
 
@@ -65,7 +68,7 @@ def require_svg_renderer() -> None:
     """
     import importlib.util
 
-    if not any(importlib.util.find_spec(m) for m in ("resvg_py", "cairosvg")):
+    if not any(importlib.util.find_spec(m) for m in SVG_RENDERERS):
         raise DataError(
             "no SVG renderer is installed (resvg-py or cairosvg); the open sources are SVG: "
             "run the build through bin/emaki, which installs emaki's train extra, "
