@@ -57,7 +57,10 @@ def _render_cairo(svg: str, width: int, height: int) -> bytes:
     )
 
 
-SVG_RENDERERS = ("resvg_py", "cairosvg")  # the modules render_svg tries, in order
+# The renderers render_svg tries, in order, each with the module it imports: one table, so that
+# require_svg_renderer checks exactly the modules that render_svg uses.
+_RENDERERS = (("resvg_py", _render_resvg), ("cairosvg", _render_cairo))
+SVG_RENDERERS = tuple(module for module, _ in _RENDERERS)
 
 
 def require_svg_renderer() -> None:
@@ -86,7 +89,7 @@ def render_svg(
     else:
         width, height = max(1, round(max_side * aspect)), max_side
     errors = []
-    for render in (_render_resvg, _render_cairo):
+    for _, render in _RENDERERS:
         try:
             png = render(svg, width, height)
             img = Image.open(io.BytesIO(png))
