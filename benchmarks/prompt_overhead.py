@@ -19,7 +19,10 @@ Three cases are printed:
   user tweaks a prompt between generations: the chunks before it come from the text encoder's
   cache, the changed ones are encoded;
 * repeated prompt: the same request again, whose chunks come from the text encoder's cache
-  (A1111 likewise reuses the conditioning of an unchanged prompt).
+  (A1111 likewise reuses the conditioning of an unchanged prompt);
+* floor: one of the prompt's scheduled texts on its own (the same 300+ tokens, no editing, no
+  alternation, no LoRA tags), never seen before: the least any new prompt of that length costs,
+  one text-encoder pass over its own chunks.
 
 The prompt grows until every scheduled text (the prompt with its editing resolved, as the text
 encoder sees it) has at least ``--tokens`` tokens.
@@ -167,29 +170,36 @@ def main() -> None:
         texts = len(encoded.tokens)
         counts = sorted({t.token_count for t in encoded.tokens.values()})
         chunks = len({c for t in encoded.tokens.values() for c in t.ids})
+        # the first scheduled text: editing and alternation resolved, emphasis kept
+        floor = GenerationRequest(
+            prompt=next(k for k in encoded.tokens if k), steps=args.steps, seed=1, cfg_scale=5.0
+        )
 
         cold_stages = stage_seconds(Pipeline(bundle, models=Path(tmp)), req)
         t = time.perf_counter()
         Pipeline(bundle, models=Path(tmp)).generate(req)
         cold_full = time.perf_counter() - t
 
-        text = pipe.adapted(pipe.resolve(req))[1]
+        text = pipe.adapted(pipe.resolve(req))[1]  # the LoRA clone's text encoder
+        base_text = pipe.adapted(pipe.resolve(floor))[1]  # the model's own, for the floor
         pipe.generate(req)  # warm-up
-        cases = ("new", "edit", "rep")
+        cases = ("new", "edit", "rep", "floor")
+        case_req = {"new": req, "rep": req, "floor": floor}
         times: dict[str, list[float]] = {k: [] for c in cases for k in (c, f"{c}_stages")}
         plains = []
         for _ in range(args.runs):
             for case in cases:
-                if case == "new":
-                    text.clear_cache()
+                fresh = case in ("new", "floor")
+                if fresh:
+                    (base_text if case == "floor" else text).clear_cache()
                 t = time.perf_counter()
-                pipe.generate(edited() if case == "edit" else req)
+                pipe.generate(edited() if case == "edit" else case_req[case])
                 times[case].append(time.perf_counter() - t)
                 pipe.conditioning(pipe.resolve(req), text)  # the unedited prompt is cached
-                if case == "new":
-                    text.clear_cache()
+                if fresh:
+                    (base_text if case == "floor" else text).clear_cache()
                 times[f"{case}_stages"].append(
-                    stage_seconds(pipe, edited() if case == "edit" else req)
+                    stage_seconds(pipe, edited() if case == "edit" else case_req[case])
                 )
             t = time.perf_counter()
             pipe.generate(plain)
@@ -202,7 +212,12 @@ def main() -> None:
           f"texts, {chunks} distinct chunks, 3 LoRAs, {args.steps} steps")  # fmt: skip
     print(f"cold: prompt+LoRA stages {cold_stages:.3f} s of {cold_full:.3f} s, "
           f"overhead {cold_stages / (cold_full - cold_stages):.2%}")  # fmt: skip
-    labels = {"new": "new prompt", "edit": "one phrase edited", "rep": "repeated prompt"}
+    labels = {
+        "new": "new prompt",
+        "edit": "one phrase edited",
+        "rep": "repeated prompt",
+        "floor": "floor (one scheduled text alone, new, no LoRA)",
+    }
     for case, label in labels.items():
         full, stage = med[case], med[f"{case}_stages"]
         print(f"{label}: generate {full:.3f} s, prompt+LoRA stages {stage:.3f} s, "
