@@ -10,7 +10,7 @@ on the same pipeline:
   after the first request, so warm runs reuse it) and encoding every scheduled text;
 * the ratio ``stages / (full - stages)``, i.e. the overhead on top of sampling and decoding.
 
-Three cases are printed:
+These cases are printed:
 
 * cold: the first request (LoRA files read and hashed, clone made, every chunk encoded);
 * new prompt: a warm pipeline (files read and clone made before) whose text-encoder cache is
@@ -183,24 +183,22 @@ def main() -> None:
         text = pipe.adapted(pipe.resolve(req))[1]  # the LoRA clone's text encoder
         base_text = pipe.adapted(pipe.resolve(floor))[1]  # the model's own, for the floor
         pipe.generate(req)  # warm-up
-        cases = ("new", "edit", "rep", "floor")
-        case_req = {"new": req, "rep": req, "floor": floor}
+        requests = {"new": lambda: req, "edit": edited, "rep": lambda: req, "floor": lambda: floor}
+        cases = tuple(requests)
+        emptied = {"new": text, "floor": base_text}  # whose cache each fresh case empties
         times: dict[str, list[float]] = {k: [] for c in cases for k in (c, f"{c}_stages")}
         plains = []
         for _ in range(args.runs):
             for case in cases:
-                fresh = case in ("new", "floor")
-                if fresh:
-                    (base_text if case == "floor" else text).clear_cache()
+                if case in emptied:
+                    emptied[case].clear_cache()
                 t = time.perf_counter()
-                pipe.generate(edited() if case == "edit" else case_req[case])
+                pipe.generate(requests[case]())
                 times[case].append(time.perf_counter() - t)
                 pipe.conditioning(pipe.resolve(req), text)  # the unedited prompt is cached
-                if fresh:
-                    (base_text if case == "floor" else text).clear_cache()
-                times[f"{case}_stages"].append(
-                    stage_seconds(pipe, edited() if case == "edit" else case_req[case])
-                )
+                if case in emptied:
+                    emptied[case].clear_cache()
+                times[f"{case}_stages"].append(stage_seconds(pipe, requests[case]()))
             t = time.perf_counter()
             pipe.generate(plain)
             plains.append(time.perf_counter() - t)
